@@ -1,0 +1,37 @@
+"""Device, precision and seeding, decided once: CUDA when present, bf16 autocast there, fp32 on CPU."""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+
+import numpy as np
+import torch
+
+
+def get_device(local_rank: int | None = None) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank if local_rank is not None else 0)
+    return torch.device("cpu")
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA; a no-op on CPU, where fp32 is both faster and exact."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    os.environ.setdefault("PYTHONHASHSEED", str(seed))
+
+
+def derive_seed(*parts: object) -> int:
+    """A stable 31-bit seed from any parts (run seed, item id, round, role...), independent of PYTHONHASHSEED."""
+    import hashlib
+
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF

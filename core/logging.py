@@ -1,0 +1,87 @@
+"""Progress bars, wandb tracking (offline unless WANDB_MODE says otherwise) and metrics.json."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from tqdm.auto import tqdm
+
+from core.config import config_to_dict
+from core.io import atomic_write_json
+
+
+def progress(iterable: Iterable | None = None, *, desc: str = "", total: int | None = None,
+             enabled: bool = True, **kwargs: Any) -> tqdm:
+    """tqdm with rate and ETA; off on non-main ranks and when TQDM_DISABLE=1."""
+    disable = not enabled or os.environ.get("TQDM_DISABLE") == "1"
+    return tqdm(iterable, desc=desc, total=total, disable=disable, dynamic_ncols=True,
+                mininterval=1.0, file=sys.stderr, **kwargs)
+
+
+class Tracker:
+    """Logs scalars to wandb (offline by default) and keeps the latest evaluation in metrics.json."""
+
+    def __init__(self, run_dir: str | Path, config: Any = None, project: str = "genretrieval",
+                 name: str | None = None, enabled: bool = True):
+        self.run_dir = Path(run_dir)
+        self.run = None
+        os.environ.setdefault("WANDB_MODE", "offline")
+        if enabled and os.environ["WANDB_MODE"] != "disabled":
+            import wandb
+
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            run_name = name or self.run_dir.name
+            # The run id is the run name, so a resumed run continues the same wandb run.
+            self.run = wandb.init(
+                project=project, name=run_name, id=_wandb_id(self.run_dir), resume="allow",
+                dir=str(self.run_dir), config=config_to_dict(config) if config is not None else None,
+                settings=wandb.Settings(silent=True, console="off"),
+            )
+
+    def log(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        if self.run is not None:
+            self.run.log(dict(metrics), step=step)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+def _wandb_id(run_dir: Path) -> str:
+    import hashlib
+
+    return hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
+
+
+def write_metrics(run_dir: str | Path, metrics: Mapping[str, Any], name: str = "metrics.json") -> Path:
+    path = Path(run_dir) / name
+    atomic_write_json(path, dict(metrics))
+    return path
+
+
+def format_table(rows: Mapping[str, Mapping[str, Any]], title: str = "", row_header: str = "") -> str:
+    """A Markdown table: one line per row, one column per metric (union over rows, in first-seen order)."""
+    columns: list[str] = []
+    for metrics in rows.values():
+        for key in metrics:
+            if key not in columns:
+                columns.append(key)
+    lines = [f"### {title}", ""] if title else []
+    lines.append("| " + " | ".join([row_header or "run", *columns]) + " |")
+    lines.append("|" + "---|" * (len(columns) + 1))
+    for row, metrics in rows.items():
+        lines.append("| " + " | ".join([row, *(_fmt(metrics.get(c)) for c in columns)]) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    if isinstance(value, (list, tuple)):
+        return " / ".join(_fmt(v) for v in value)
+    return str(value)

@@ -1,0 +1,187 @@
+"""Train the dense dual encoder (CLIP-style, InfoNCE in both directions) on Karpathy-split image–caption data.
+
+Reads `data_json` + `image_root`; writes `output_dir/` with `config.yaml`, `checkpoint-last/` (resumable with
+`--resume`), `checkpoint-best/` (best validation mean recall; a dual-encoder folder other stages load) and
+`metrics.json`. Runs under `torchrun` unchanged (DDP, gloo on CPU, nccl on GPU).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from open_clip.loss import ClipLoss
+
+from core.checkpoint import BEST, LAST, BestTracker, read_meta, resume, save_checkpoint, unwrap
+from core.config import parse_config, save_config
+from core.data import ImageCaptionPairs, caption_queries, epoch_batches, load_images, load_karpathy
+from core.device import autocast, seed_everything
+from core.distributed import barrier, cleanup, init_distributed, wrap_model
+from core.encoders import SHAPES_ENCODER, build_dual_encoder
+from core.errors import InputError
+from core.logging import Tracker, format_table, progress, write_metrics
+from core.metrics import mean_recall, t2i_recall
+from retriever.dense.common import encode_pixels, encode_texts
+
+STAGE = "dense"
+
+
+@dataclass
+class TrainConfig:
+    data_json: str = "data/shapes/dataset_shapes.json"  # Karpathy-split captions
+    image_root: str = "data/shapes/images"
+    output_dir: str = "runs/shapes/dense"
+    model: dict = field(default_factory=lambda: dict(SHAPES_ENCODER))  # encoder spec (core/encoders.py)
+    train_split: str = "train"
+    val_split: str = "val"
+    batch_size: int = 128  # global batch, split over ranks
+    epochs: int = 10
+    max_steps: int = 0  # stop after this many steps if > 0 (overrides epochs)
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 50
+    eval_every: int = 0  # validate every N steps; 0 = at the end of each epoch
+    save_every: int = 50  # write checkpoint-last every N steps
+    max_val_images: int = 0  # validate on the first N val images (0 = all)
+    seed: int = 0
+    resume: bool = False  # continue from output_dir/checkpoint-last if it exists
+    wandb_project: str = "genretrieval"
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, float]:
+    cfg = parse_config(TrainConfig, argv)
+    out = Path(cfg.output_dir)
+    _check_output_dir(out, cfg.resume)
+    train_records = load_karpathy(cfg.data_json, cfg.image_root, cfg.train_split)
+    val_records = load_karpathy(cfg.data_json, cfg.image_root, cfg.val_split)
+    if cfg.max_val_images:
+        val_records = val_records[:cfg.max_val_images]
+    if len(train_records) < cfg.batch_size:
+        raise InputError(cfg.data_json, "batch_size",
+                         f"{cfg.batch_size} is larger than the training split ({len(train_records)} images)")
+
+    dist = init_distributed()
+    seed_everything(cfg.seed + dist.rank)
+    model = build_dual_encoder(cfg.model).to(dist.device)
+    ddp_model = wrap_model(model, dist)
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    steps_per_epoch = len(train_records) // cfg.batch_size
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(cfg.warmup_steps, total_steps))
+
+    step, best = 0, BestTracker()
+    if cfg.resume and (out / LAST).is_dir():
+        step, meta = resume(out / LAST, stage=STAGE, model=model, optimizer=optimizer, scheduler=scheduler)
+        best = BestTracker(meta.get("best"))
+        if dist.is_main:
+            print(f"resuming from step {step}/{total_steps}")
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    tracker = Tracker(out, cfg, project=cfg.wandb_project, name=f"{STAGE}-{out.name}", enabled=dist.is_main)
+
+    pixels = load_images([r.path for r in train_records], model.preprocess, desc="loading train images")
+    val_pixels = load_images([r.path for r in val_records], model.preprocess, desc="loading val images")
+    pairs = ImageCaptionPairs(train_records, pixels, seed=cfg.seed)
+    loss_fn = ClipLoss(gather_with_grad=True, rank=dist.rank, world_size=dist.world_size)
+    eval_every = cfg.eval_every or steps_per_epoch
+
+    bar = progress(total=total_steps, initial=step, desc="training dense", enabled=dist.is_main)
+    started = time.time()
+    while step < total_steps:
+        epoch, offset = divmod(step, steps_per_epoch)
+        pairs.set_epoch(epoch)
+        for batch in epoch_batches(len(pairs), cfg.batch_size, cfg.seed, epoch)[offset:]:
+            ddp_model.train()
+            local = batch[dist.rank::dist.world_size]
+            images = torch.stack([pairs[i][0] for i in local]).to(dist.device)
+            tokens = model.tokenize([pairs[i][1] for i in local]).to(dist.device)
+            with autocast(dist.device):
+                image_emb, text_emb, logit_scale = ddp_model(images, tokens)
+                loss = loss_fn(image_emb, text_emb, logit_scale)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            with torch.no_grad():  # CLIP clamps the temperature so logits stay bounded
+                model.clip.logit_scale.clamp_(0, math.log(100))
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            tracker.log({"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0]}, step=step)
+            if step % eval_every == 0 or step == total_steps:
+                _validate_and_save(cfg, model, optimizer, scheduler, step, best, val_records, val_pixels,
+                                   dist, tracker, out)
+            elif step % cfg.save_every == 0 and dist.is_main:
+                _save_last(cfg, model, optimizer, scheduler, step, best, out)
+            if step >= total_steps:
+                break
+    bar.close()
+    barrier(dist)
+    final: dict[str, float] = {}
+    if dist.is_main:
+        final = dict(read_meta(out / BEST).get("val", {}))
+        print(f"trained {step} steps in {time.time() - started:.0f}s; best validation:")
+        print(format_table({"dense (val, text→image)": final}))
+    tracker.finish()
+    cleanup(dist)
+    return final
+
+
+def _check_output_dir(out: Path, resuming: bool) -> None:
+    if (out / LAST).is_dir() and not resuming:
+        raise InputError(out, "output_dir", "already holds a run; pass --resume to continue it or choose another folder")
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on gains, biases, embeddings and the temperature, as in CLIP."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "embedding" in name or "logit_scale" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _warmup_cosine(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress_ = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress_)))
+    return factor
+
+
+def validate(model, records, pixels, device) -> dict[str, float]:
+    """Text→image Recall@1/5/10 on the validation split (every caption a query)."""
+    queries = caption_queries(records)
+    image_emb = encode_pixels(model, pixels, device, desc="val images")
+    text_emb = encode_texts(model, [q.text for q in queries], device, desc="val captions")
+    column = {r.imgid: i for i, r in enumerate(records)}
+    return t2i_recall(text_emb @ image_emb.T, [column[q.imgid] for q in queries])
+
+
+def _validate_and_save(cfg, model, optimizer, scheduler, step, best, val_records, val_pixels, dist, tracker, out):
+    if not dist.is_main:
+        barrier(dist)
+        return
+    metrics = validate(unwrap(model), val_records, val_pixels, dist.device)
+    score = mean_recall(metrics)
+    tracker.log({f"val/{k}": v for k, v in metrics.items()} | {"val/mean_recall": score}, step=step)
+    write_metrics(out, {"step": step, "split": cfg.val_split, **metrics})
+    if best.update(score):
+        save_checkpoint(out / BEST, stage=STAGE, model=model, step=step, config=cfg,
+                        extra={"val": metrics, "best": score}, model_files=unwrap(model).write_spec)
+    _save_last(cfg, model, optimizer, scheduler, step, best, out)
+    barrier(dist)
+
+
+def _save_last(cfg, model, optimizer, scheduler, step, best, out) -> None:
+    save_checkpoint(out / LAST, stage=STAGE, model=model, step=step, optimizer=optimizer, scheduler=scheduler,
+                    config=cfg, extra={"best": best.best}, model_files=unwrap(model).write_spec)
+
+
+if __name__ == "__main__":
+    main()

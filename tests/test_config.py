@@ -1,0 +1,51 @@
+from dataclasses import dataclass, field
+
+import pytest
+
+from core.config import build_config, load_saved_config, parse_config, save_config
+from core.errors import InputError
+
+
+@dataclass
+class Demo:
+    name: str = "x"
+    steps: int = 10
+    lr: float = 1e-3
+    resume: bool = False
+    splits: list[str] = field(default_factory=lambda: ["train"])
+    model: dict = field(default_factory=dict)
+
+
+def test_yaml_then_command_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("steps: 5\nlr: 0.5\nmodel: {width: 8}\n")
+    cfg = parse_config(Demo, ["--config", str(path), "--steps", "7", "--resume", "--splits", "train,val"])
+    assert (cfg.steps, cfg.lr, cfg.resume, cfg.splits, cfg.model) == (7, 0.5, True, ["train", "val"], {"width": 8})
+
+
+def test_unknown_key_in_yaml_names_file_and_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("stepz: 5\n")
+    with pytest.raises(InputError, match=r"c\.yaml: stepz: unknown key"):
+        parse_config(Demo, ["--config", str(path)])
+
+
+def test_unknown_option_on_command_line():
+    with pytest.raises(InputError, match="command line: stepz: unknown option"):
+        parse_config(Demo, ["--stepz", "3"])
+
+
+def test_wrong_type_is_an_error():
+    with pytest.raises(InputError, match="steps: must be a int"):
+        parse_config(Demo, ["--steps", "many"])
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(InputError, match="config file not found"):
+        parse_config(Demo, ["--config", str(tmp_path / "none.yaml")])
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = build_config(Demo, {"steps": 3, "model": {"a": 1}})
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_saved_config(Demo, tmp_path / "config.yaml") == cfg

@@ -145,6 +145,8 @@ def _coerce(cls: type, key: str, value: Any, source: str) -> Any:
                 raise TypeError
             return value
         if base is float:
+            if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+                value = float(value)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError
             return float(value)

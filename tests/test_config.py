@@ -49,3 +49,10 @@ def test_saved_config_round_trips(tmp_path):
     cfg = build_config(Demo, {"steps": 3, "model": {"a": 1}})
     save_config(cfg, tmp_path / "config.yaml")
     assert load_saved_config(Demo, tmp_path / "config.yaml") == cfg
+
+
+def test_exponent_without_dot_is_a_float(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 1e-5\n")
+    assert parse_config(Demo, ["--config", str(path)]).lr == 1e-5
+    assert parse_config(Demo, ["--lr", "2e-3"]).lr == 2e-3

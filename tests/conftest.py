@@ -1,0 +1,55 @@
+"""Session fixtures shared by every test: a tiny Shapes world (with every task's files) and a dense encoder
+trained on it for a few steps, so stage tests start from real upstream artefacts on disk."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["WANDB_MODE"] = "disabled"
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+TINY_WORLD = dict(n_train=400, n_val=60, n_test=120, image_size=64)
+# Small enough to train in seconds, big enough to beat chance clearly on the tiny world.
+TINY_ENCODER = {
+    "embed_dim": 64,
+    "image_size": 64,
+    "vision": {"layers": 2, "width": 64, "patch_size": 8, "head_width": 32, "mlp_ratio": 2.0},
+    "text": {"context_length": 32, "width": 64, "heads": 2, "layers": 2, "mlp_ratio": 2.0},
+}
+
+
+@pytest.fixture(scope="session")
+def shapes_world(tmp_path_factory) -> Path:
+    """A tiny Shapes world: `dataset_shapes.json`, `scenes.json`, `images/` and every task's files."""
+    from core.shapes.make import WorldConfig, make_world
+
+    out = tmp_path_factory.mktemp("world") / "shapes"
+    return make_world(WorldConfig(seed=0, out_dir=str(out), **TINY_WORLD))
+
+
+@pytest.fixture(scope="session")
+def dense_run(shapes_world, tmp_path_factory) -> Path:
+    """A dense run folder (checkpoint-best/, checkpoint-last/, emb/) trained briefly on the tiny world."""
+    import json
+
+    from retriever.dense import encode, train
+
+    run = tmp_path_factory.mktemp("dense") / "dense"
+    train.main([
+        "--data_json", str(shapes_world / "dataset_shapes.json"), "--image_root", str(shapes_world / "images"),
+        "--output_dir", str(run), "--model", json.dumps(TINY_ENCODER), "--batch_size", "64", "--epochs", "30",
+        "--lr", "3e-3", "--warmup_steps", "10", "--seed", "0",
+    ])
+    encode.main([
+        "--checkpoint", str(run / "checkpoint-best"), "--data_json", str(shapes_world / "dataset_shapes.json"),
+        "--image_root", str(shapes_world / "images"), "--output_dir", str(run / "emb"),
+    ])
+    return run
+
+
+@pytest.fixture(scope="session")
+def dense_checkpoint(dense_run) -> Path:
+    """The best dense encoder folder: `core.encoders.load_dual_encoder(dense_checkpoint)`."""
+    return dense_run / "checkpoint-best"

@@ -1,0 +1,53 @@
+"""Contrastive losses of composed retrieval: query→target (L_q2t), the reverse branch (L_t2t) and the prototype
+alignment (L_p2p) of PTHA, combined as Eq. (total loss) of the MTST/PTHA paper: L = L_q2t + L_t2t + α·L_p2p."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def query_target_contrastive(query_emb: torch.Tensor, target_emb: torch.Tensor, temperature: float,
+                             target_ids: Sequence | torch.Tensor | None = None) -> torch.Tensor:
+    """InfoNCE of each query against the batch's targets (PTHA paper, L_q2t).
+
+    query_emb [B, D] and target_emb [M, D] are L2-normalised, M >= B: target i is query i's positive and targets
+    B..M-1 are appended negatives. With `target_ids` (length M), a target that is the same image as the query's own
+    positive is not counted as a negative (it is masked out), so a batch holding one target twice does not push a
+    query away from its own answer.
+    """
+    b, m = query_emb.shape[0], target_emb.shape[0]
+    if m < b:
+        raise ValueError(f"{m} targets for {b} queries: every query needs its own positive target")
+    logits = query_emb @ target_emb.T / temperature
+    if target_ids is not None:
+        ids = _as_index(target_ids, m, logits.device)
+        same = ids[:b, None] == ids[None, :]  # [B, M]: column j shows query i's own target image
+        own = torch.zeros_like(same)
+        own[torch.arange(b), torch.arange(b)] = True
+        logits = logits.masked_fill(same & ~own, float("-inf"))
+    return F.cross_entropy(logits, torch.arange(b, device=logits.device))
+
+
+def _as_index(ids: Sequence | torch.Tensor, m: int, device: torch.device) -> torch.Tensor:
+    if isinstance(ids, torch.Tensor):
+        out = ids.to(device)
+    else:
+        lookup: dict = {}
+        out = torch.tensor([lookup.setdefault(i, len(lookup)) for i in ids], device=device)
+    if out.shape[0] != m:
+        raise ValueError(f"{out.shape[0]} target ids for {m} targets")
+    return out
+
+
+def prototype_alignment(proto_forward: torch.Tensor, proto_reverse: torch.Tensor, temperature: float) -> torch.Tensor:
+    """L_p2p of PTHA: the forward prototype (reference + text) is pulled to the reverse branch's prototype (target +
+    reverse text) of the same triplet and pushed from the others'; the reverse side is a fixed anchor (detached)."""
+    return query_target_contrastive(proto_forward, proto_reverse.detach(), temperature)
+
+
+def ptha_loss(l_q2t: torch.Tensor, l_t2t: torch.Tensor, l_p2p: torch.Tensor, w_q2t: float = 1.0, w_t2t: float = 1.0,
+              alpha: float = 0.5) -> torch.Tensor:
+    """PTHA paper, total fine-tuning loss: L = L_q2t + L_t2t + α·L_p2p (weights 1, 1, 0.5 by default)."""
+    return w_q2t * l_q2t + w_t2t * l_t2t + alpha * l_p2p

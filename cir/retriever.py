@@ -1,0 +1,183 @@
+"""The composed retriever: a BLIP-2/Q-Former-style two-hop query encoder (PTHA) against Q-Former target features.
+
+Hop one fuses (reference image tokens, modification text) into prototype tokens; hop two fuses (prototype, text) into
+the query embedding. Targets go through hop one's Q-Former with its queries only (no text), as BLIP-2 encodes images.
+The image encoder is frozen (the dense tower on Shapes, the InstructBLIP/BLIP-2 ViT on real data), so training may run
+on cached image tokens: `encode_queries_from_tokens` / `encode_targets_from_tokens` are the functions both the loss
+and `encode_queries` / `encode_targets` (pixels in) call, so what is trained is what is searched with.
+
+A retriever folder (`save_pretrained` / `from_pretrained`): `retriever.json`, `model.pt`, `meta.json` (stage "cir"),
+`tokenizer/`, `image_encoder/`.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.errors import InputError
+from core.io import atomic_write_json, read_json
+from core.modtext import ImageTokens, build_word_tokenizer, dense_image_tokens, hf_image_tokens, load_image_tokens
+
+STAGE = "cir"
+SPEC_FILE = "retriever.json"
+# Tiny Q-Formers for the Shapes world (the real config names a pretrained InstructBLIP Q-Former for hop one).
+SHAPES_RETRIEVER: dict[str, Any] = {
+    "qformer": {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256,
+                "cross_attention_frequency": 1, "max_position_embeddings": 64,
+                "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0},
+    "num_query_tokens": 8,
+    "embed_dim": 128,
+    "max_text_length": 40,
+}
+
+
+class ComposedRetriever(nn.Module):
+    """(reference image, modification text) → query embedding; image → target embedding; both L2-normalised."""
+
+    def __init__(self, image_encoder: ImageTokens, tokenizer: Any, spec: dict[str, Any],
+                 hop1: nn.Module | None = None):
+        super().__init__()
+        from transformers import InstructBlipQFormerConfig, InstructBlipQFormerModel
+
+        self.spec = copy.deepcopy(spec)
+        self.image_encoder, self.tokenizer = image_encoder, tokenizer
+        q = dict(spec["qformer"])
+        cfg1 = InstructBlipQFormerConfig(**q, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                         encoder_hidden_size=image_encoder.hidden_size)
+        self.hop1 = hop1 if hop1 is not None else InstructBlipQFormerModel(cfg1)
+        hidden = self.hop1.config.hidden_size
+        cfg2 = InstructBlipQFormerConfig(**{**q, "hidden_size": hidden}, vocab_size=len(tokenizer),
+                                         pad_token_id=tokenizer.pad_token_id, encoder_hidden_size=hidden)
+        self.hop2 = InstructBlipQFormerModel(cfg2)
+        n_q, dim = int(spec["num_query_tokens"]), int(spec["embed_dim"])
+        self.query_tokens1 = nn.Parameter(torch.randn(1, n_q, hidden) * 0.02)
+        self.query_tokens2 = nn.Parameter(torch.randn(1, n_q, hidden) * 0.02)
+        self.query_proj = nn.Linear(hidden, dim)
+        self.target_proj = nn.Linear(hidden, dim)
+        self.proto_proj = nn.Linear(hidden, dim)
+
+    @property
+    def device(self) -> torch.device:
+        return self.query_tokens1.device
+
+    @property
+    def preprocess(self):
+        return self.image_encoder.preprocess
+
+    # ---- the embeddings (one code path for training and inference)
+    def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        tok = self.tokenizer(list(texts), padding=True, truncation=True, max_length=int(self.spec["max_text_length"]),
+                             return_tensors="pt", add_special_tokens=False)
+        return tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device)
+
+    def image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Frozen patch tokens [B, N, D] of images (what the training caches)."""
+        return self.image_encoder(pixels.to(self.device))
+
+    @staticmethod
+    def _fuse(qformer: nn.Module, queries: torch.Tensor, ids: torch.Tensor | None, mask: torch.Tensor | None,
+              memory: torch.Tensor) -> torch.Tensor:
+        """Queries (+ text, self-attending together) cross-attend to `memory`; returns the query outputs [B, Q, H]."""
+        b, n_q = memory.shape[0], queries.shape[1]
+        queries = queries.expand(b, -1, -1)
+        full_mask = None
+        if ids is not None:
+            full_mask = torch.cat([torch.ones(b, n_q, dtype=mask.dtype, device=mask.device), mask], dim=1)
+        out = qformer(input_ids=ids, attention_mask=full_mask, query_embeds=queries, encoder_hidden_states=memory)
+        return out.last_hidden_state[:, :n_q]
+
+    def prototype_tokens(self, image_tokens: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Hop one: (image, text) → prototype tokens [B, Q, H]."""
+        return self._fuse(self.hop1, self.query_tokens1, ids, mask, image_tokens)
+
+    def encode_queries_with_prototype(self, image_tokens: torch.Tensor,
+                                      texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(query embedding, prototype embedding), both [B, D] and L2-normalised; mean over query tokens."""
+        ids, mask = self.tokenize(texts)
+        proto = self.prototype_tokens(image_tokens.to(self.device), ids, mask)
+        fused = self._fuse(self.hop2, self.query_tokens2, ids, mask, proto)  # hop two: (prototype, text) → query
+        query = F.normalize(self.query_proj(fused.mean(dim=1)), dim=-1)
+        return query, F.normalize(self.proto_proj(proto.mean(dim=1)), dim=-1)
+
+    def encode_queries_from_tokens(self, image_tokens: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+        return self.encode_queries_with_prototype(image_tokens, texts)[0]
+
+    def encode_targets_from_tokens(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        feats = self._fuse(self.hop1, self.query_tokens1, None, None, image_tokens.to(self.device))
+        return F.normalize(self.target_proj(feats.mean(dim=1)), dim=-1)
+
+    def encode_queries(self, ref_pixels: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """[B, D] L2-normalised query embeddings from reference pixels and modification texts."""
+        if len(texts) != ref_pixels.shape[0]:
+            raise InputError(None, "texts", f"{len(texts)} texts for {ref_pixels.shape[0]} reference images")
+        return self.encode_queries_from_tokens(self.image_tokens(ref_pixels), texts)
+
+    def encode_targets(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, D] L2-normalised target embeddings from pixels."""
+        return self.encode_targets_from_tokens(self.image_tokens(pixels))
+
+    # ---- folders
+    def write_files(self, folder: str | Path) -> None:
+        """Everything beside model.pt that makes a folder reload alone (core.checkpoint's `model_files`)."""
+        folder = Path(folder)
+        atomic_write_json(folder / SPEC_FILE, self.spec)
+        self.hop1.config.save_pretrained(folder / "hop1")  # a pretrained hop one may differ from spec["qformer"]
+        self.tokenizer.save_pretrained(folder / "tokenizer")
+        self.image_encoder.save(folder / "image_encoder")
+
+    def save_pretrained(self, folder: str | Path, step: int = 0, extra: dict[str, Any] | None = None) -> Path:
+        from core.checkpoint import save_checkpoint
+
+        return save_checkpoint(folder, stage=STAGE, model=self, step=step, extra=extra, model_files=self.write_files)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, device: torch.device | None = None) -> "ComposedRetriever":
+        from transformers import AutoTokenizer, InstructBlipQFormerConfig, InstructBlipQFormerModel
+
+        from core.checkpoint import load_model_weights, read_meta
+        from core.device import get_device
+
+        folder = Path(folder)
+        read_meta(folder, STAGE)
+        spec = read_json(folder / SPEC_FILE, required=["qformer", "num_query_tokens", "embed_dim"])
+        hop1 = InstructBlipQFormerModel(InstructBlipQFormerConfig.from_pretrained(folder / "hop1"))
+        model = cls(load_image_tokens(folder / "image_encoder"), AutoTokenizer.from_pretrained(folder / "tokenizer"),
+                    spec, hop1=hop1)
+        load_model_weights(folder, model, STAGE)
+        return model.to(device or get_device()).eval()
+
+
+def build_shapes_retriever(dense_folder: str | Path, texts: Sequence[str],
+                           spec: dict[str, Any] | None = None) -> ComposedRetriever:
+    """A fresh retriever on the dense image tower (frozen), with a word tokenizer over `texts`."""
+    return ComposedRetriever(dense_image_tokens(dense_folder), build_word_tokenizer(texts),
+                             {**copy.deepcopy(SHAPES_RETRIEVER), **(spec or {}), "kind": "shapes"})
+
+
+def retriever_from_instructblip(model: nn.Module, image_processor: Any, tokenizer: Any, spec: dict[str, Any],
+                                source: dict[str, Any] | None = None) -> ComposedRetriever:
+    """Real data: hop one starts from a (pretrained) InstructBLIP Q-Former, the image encoder is its frozen ViT."""
+    source = dict(source or {})
+    image = hf_image_tokens(model.vision_model, image_processor,
+                            {k: source[k] for k in ("name",) if k in source} | {"class": type(model).__name__})
+    q = {**spec["qformer"], "hidden_size": model.qformer.config.hidden_size}
+    full = {**spec, "qformer": q, "kind": "instructblip", **source}
+    retriever = ComposedRetriever(image, tokenizer, full, hop1=model.qformer)
+    with torch.no_grad():
+        n = min(retriever.query_tokens1.shape[1], model.query_tokens.shape[1])
+        retriever.query_tokens1[:, :n].copy_(model.query_tokens[:, :n])
+    return retriever
+
+
+def load_pretrained_retriever(name: str, spec: dict[str, Any]) -> ComposedRetriever:
+    """e.g. "Salesforce/instructblip-flan-t5-xl": its ViT and Q-Former (BERT tokenizer) start the retriever."""
+    from transformers import InstructBlipForConditionalGeneration, InstructBlipProcessor
+
+    model = InstructBlipForConditionalGeneration.from_pretrained(name)
+    processor = InstructBlipProcessor.from_pretrained(name)
+    return retriever_from_instructblip(model, processor.image_processor, processor.qformer_tokenizer, spec, {"name": name})

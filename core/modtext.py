@@ -1,0 +1,370 @@
+"""The MTST modification-text generator (InstructBLIP-style), shared by composed retrieval, iterative CIR and GenIR.
+
+A frozen image encoder turns the reference and the target image into patch tokens; a trainable Q-Former reads both
+token sets together (a learned segment vector marks which image a token comes from) plus a fixed instruction, and its
+query outputs, projected, prefix a frozen causal language model that writes the modification text (MTST paper, §3.1:
+only the Q-Former is trained). The parts are transformers' InstructBLIP classes: `InstructBlipQFormerModel` and a
+causal LM (`AutoModelForCausalLM`); real data takes all of them, pretrained, from an
+`InstructBlipForConditionalGeneration` checkpoint (`from_instructblip`); the Shapes world builds them at a tiny size
+with the project's trained dense image tower as the frozen image encoder.
+
+A generator is a folder (`save_pretrained` / `load_modification_generator`): `modtext.json`, `meta.json` (stage
+"mtst"), `bridge.pt` (query tokens, segment vectors, LM projection), `qformer/`, `language_model/` (unless named),
+`qformer_tokenizer/`, `lm_tokenizer/`, `image_encoder/`.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from PIL import Image
+from torch import nn
+
+from core.errors import InputError
+from core.io import atomic_dir, atomic_write_json, read_json
+
+STAGE = "mtst"
+INSTRUCTION = "How to change from one image to the other image?"
+SPEC_FILE = "modtext.json"
+SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "bos_token": "[BOS]", "eos_token": "[EOS]"}
+
+# Tiny sizes for the Shapes world: trains on a CPU in about a minute.
+SHAPES_QFORMER = {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256,
+                  "cross_attention_frequency": 1, "max_position_embeddings": 64,
+                  "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+SHAPES_LM = {"model_type": "llama", "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 4, "intermediate_size": 256, "max_position_embeddings": 96}
+
+
+# ----------------------------------------------------------------------------------------------- tokenizers
+def build_word_tokenizer(texts: Sequence[str]):
+    """A lower-cased word-level tokenizer over `texts` (the Shapes vocabulary is a few hundred words), as a
+    `PreTrainedTokenizerFast` so it saves and loads like any Hugging Face tokenizer."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words: dict[str, None] = {}
+    norm = normalizers.Lowercase()
+    pre = pre_tokenizers.Whitespace()
+    for text in texts:
+        for word, _ in pre.pre_tokenize_str(norm.normalize_str(text)):
+            words.setdefault(word, None)
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS.values())}
+    for word in sorted(words):
+        vocab.setdefault(word, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk_token"]))
+    tok.normalizer = norm
+    tok.pre_tokenizer = pre
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
+
+
+def detokenize(tokenizer, ids: Sequence[int]) -> str:
+    """Token ids back to text, without special tokens and without the spaces a word tokenizer puts before '?'."""
+    text = tokenizer.decode(list(ids), skip_special_tokens=True)
+    return text.replace(" ?", "?").replace(" ,", ",").replace(" .", ".").strip()
+
+
+# ----------------------------------------------------------------------------------------------- image encoders
+class ImageTokens(nn.Module):
+    """A frozen image encoder that returns patch tokens [B, N, D]; `.preprocess` maps a PIL image to a tensor.
+
+    kind "dense": the project's open_clip dual encoder (`core.encoders`), tokens after `ln_post` (CLS + patches).
+    kind "hf": a transformers vision model (InstructBLIP/BLIP-2 ViT), tokens = `last_hidden_state`.
+    """
+
+    def __init__(self, kind: str, model: nn.Module, preprocess: Callable[[Image.Image], torch.Tensor],
+                 hidden_size: int, source: dict[str, Any]):
+        super().__init__()
+        if kind not in ("dense", "hf"):
+            raise InputError(None, "image_encoder.kind", f"unknown kind {kind!r}; expected 'dense' or 'hf'")
+        self.kind, self.model, self.preprocess, self.hidden_size = kind, model, preprocess, hidden_size
+        self.source = dict(source)
+        self.model.requires_grad_(False)
+        self.model.eval()
+
+    def train(self, mode: bool = True) -> "ImageTokens":
+        # Frozen: stays in eval mode (no dropout) whatever the parent module does.
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.kind == "dense":
+            visual = self.model.clip.visual
+            x = visual.transformer(visual._embeds(pixels))
+            return visual.ln_post(x)
+        return self.model(pixel_values=pixels).last_hidden_state
+
+    def pixels(self, images: Sequence[Image.Image], device: torch.device | None = None) -> torch.Tensor:
+        out = torch.stack([self.preprocess(img.convert("RGB")) for img in images])
+        return out.to(device) if device is not None else out
+
+    def save(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.kind == "dense":
+            self.model.save(folder)
+        elif "name" not in self.source:  # a named pretrained encoder reloads by name; anything else is saved
+            self.model.save_pretrained(folder)
+        atomic_write_json(folder / "image_encoder.json", {"kind": self.kind, "hidden_size": self.hidden_size,
+                                                          **self.source})
+
+
+def dense_image_tokens(dense_folder: str | Path) -> ImageTokens:
+    """The frozen image tower of a trained dense retriever (`$RUN_DIR/dense/checkpoint-best`)."""
+    from core.encoders import load_dual_encoder
+
+    encoder = load_dual_encoder(dense_folder)
+    width = int(encoder.clip.visual.ln_post.normalized_shape[0])
+    return ImageTokens("dense", encoder, encoder.preprocess, width, {"dense_folder": str(dense_folder)})
+
+
+def hf_image_tokens(vision_model: nn.Module, image_processor: Any, source: dict[str, Any]) -> ImageTokens:
+    def preprocess(img: Image.Image) -> torch.Tensor:
+        return image_processor(images=img, return_tensors="pt")["pixel_values"][0]
+
+    return ImageTokens("hf", vision_model, preprocess, int(vision_model.config.hidden_size), source)
+
+
+def load_image_tokens(folder: str | Path) -> ImageTokens:
+    folder = Path(folder)
+    info = read_json(folder / "image_encoder.json", required=["kind"])
+    if info["kind"] == "dense":
+        tokens = dense_image_tokens(folder)
+        tokens.source = {k: v for k, v in info.items() if k not in ("kind", "hidden_size")}
+        return tokens
+    import transformers
+
+    if "name" in info:  # e.g. {"name": "Salesforce/instructblip-vicuna-7b", "class": "InstructBlipForConditionalGeneration"}
+        full = getattr(transformers, info.get("class", "InstructBlipForConditionalGeneration")).from_pretrained(info["name"])
+        vision, processor_src = full.vision_model, info["name"]
+    else:
+        vision = getattr(transformers, info.get("vision_class", "InstructBlipVisionModel")).from_pretrained(folder)
+        processor_src = folder
+    processor = transformers.AutoImageProcessor.from_pretrained(processor_src)
+    return hf_image_tokens(vision, processor, {k: v for k, v in info.items() if k not in ("kind", "hidden_size")})
+
+
+# ----------------------------------------------------------------------------------------------- the generator
+class ModificationTextGenerator(nn.Module):
+    """(reference image, target image) → modification text. Only the Q-Former side (`trainable_parameters`) learns."""
+
+    def __init__(self, image_encoder: ImageTokens, qformer: nn.Module, language_model: nn.Module,
+                 qformer_tokenizer: Any, lm_tokenizer: Any, num_query_tokens: int = 16,
+                 instruction: str = INSTRUCTION, spec: dict[str, Any] | None = None):
+        super().__init__()
+        hidden = qformer.config.hidden_size
+        if qformer.config.encoder_hidden_size != image_encoder.hidden_size:
+            raise InputError(None, "qformer.encoder_hidden_size",
+                             f"is {qformer.config.encoder_hidden_size}, the image encoder gives {image_encoder.hidden_size}")
+        self.image_encoder = image_encoder
+        self.qformer = qformer
+        self.language_model = language_model
+        self.query_tokens = nn.Parameter(torch.randn(1, num_query_tokens, hidden) * 0.02)
+        # Marks each patch token as the reference's (0) or the target's (1): the Q-Former sees both sets at once.
+        self.segment = nn.Parameter(torch.zeros(2, image_encoder.hidden_size))
+        self.language_projection = nn.Linear(hidden, language_model.config.hidden_size)
+        self.qformer_tokenizer, self.lm_tokenizer = qformer_tokenizer, lm_tokenizer
+        self.instruction = instruction
+        self.spec = copy.deepcopy(spec or {})
+        self.model_id = "untrained"
+        self.language_model.requires_grad_(not self.spec.get("freeze_language_model", True))
+
+    # ---- pieces shared by training and generation
+    @property
+    def device(self) -> torch.device:
+        return self.query_tokens.device
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.image_encoder(pixels.to(self.device))
+
+    def _instruction_ids(self, tokenizer: Any, batch: int) -> torch.Tensor:
+        ids = tokenizer(self.instruction, add_special_tokens=False)["input_ids"]
+        return torch.tensor([ids] * batch, dtype=torch.long, device=self.device)
+
+    def prefix(self, ref_tokens: torch.Tensor, tgt_tokens: torch.Tensor) -> torch.Tensor:
+        """LM input embeddings [B, Q + len(instruction), H]: projected Q-Former queries, then the instruction."""
+        b = ref_tokens.shape[0]
+        pair = torch.cat([ref_tokens + self.segment[0], tgt_tokens + self.segment[1]], dim=1)
+        q_ids = self._instruction_ids(self.qformer_tokenizer, b)
+        queries = self.query_tokens.expand(b, -1, -1)
+        mask = torch.ones(b, queries.shape[1] + q_ids.shape[1], dtype=torch.long, device=self.device)
+        out = self.qformer(input_ids=q_ids, attention_mask=mask, query_embeds=queries,
+                           encoder_hidden_states=pair).last_hidden_state[:, : queries.shape[1]]
+        lm_ids = self._instruction_ids(self.lm_tokenizer, b)
+        lm_instruction = self.language_model.get_input_embeddings()(lm_ids)
+        return torch.cat([self.language_projection(out), lm_instruction], dim=1)
+
+    def loss(self, ref_tokens: torch.Tensor, tgt_tokens: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+        """Next-token cross-entropy of the modification text given the prefix (the InstructBLIP objective)."""
+        prefix = self.prefix(ref_tokens, tgt_tokens)
+        tok = self.lm_tokenizer([t + self.lm_tokenizer.eos_token for t in texts], add_special_tokens=False,
+                                padding=True, return_tensors="pt")
+        ids, mask = tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device)
+        embeds = torch.cat([prefix, self.language_model.get_input_embeddings()(ids)], dim=1)
+        full_mask = torch.cat([torch.ones(prefix.shape[:2], dtype=mask.dtype, device=self.device), mask], dim=1)
+        labels = torch.cat([torch.full(prefix.shape[:2], -100, dtype=torch.long, device=self.device),
+                            ids.masked_fill(mask == 0, -100)], dim=1)
+        return self.language_model(inputs_embeds=embeds, attention_mask=full_mask, labels=labels).loss
+
+    @torch.no_grad()
+    def generate_from_tokens(self, ref_tokens: torch.Tensor, tgt_tokens: torch.Tensor, max_new_tokens: int = 24,
+                             num_beams: int = 1) -> list[str]:
+        prefix = self.prefix(ref_tokens, tgt_tokens)
+        mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=self.device)
+        tok = self.lm_tokenizer
+        out = self.language_model.generate(
+            inputs_embeds=prefix, attention_mask=mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
+            do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id)
+        return [detokenize(tok, row) for row in out.tolist()]
+
+    @torch.no_grad()
+    def generate(self, references: list[Image.Image], targets: list[Image.Image], max_new_tokens: int = 24,
+                 num_beams: int = 1, seed: int | None = None, batch_size: int = 64) -> list[str]:
+        """The modification text that turns each reference into its target (reads only the pixels)."""
+        if len(references) != len(targets):
+            raise InputError(None, "targets", f"{len(references)} references but {len(targets)} targets")
+        was_training = self.training
+        self.eval()
+        texts: list[str] = []
+        # Decoding is greedy/beam (deterministic); the seed fixes any randomness a subclass or LM config adds.
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            for i in range(0, len(references), batch_size):
+                ref = self.image_tokens(self.image_encoder.pixels(references[i:i + batch_size], self.device))
+                tgt = self.image_tokens(self.image_encoder.pixels(targets[i:i + batch_size], self.device))
+                texts += self.generate_from_tokens(ref, tgt, max_new_tokens, num_beams)
+        self.train(was_training)
+        return texts
+
+    # ---- folders
+    def save_pretrained(self, folder: str | Path, meta: dict[str, Any] | None = None) -> Path:
+        """Write the generator folder atomically; `meta` extras go to meta.json beside stage "mtst"."""
+        folder = Path(folder)
+        with atomic_dir(folder) as tmp:
+            torch.save({"query_tokens": self.query_tokens.detach().cpu(), "segment": self.segment.detach().cpu(),
+                        "language_projection": self.language_projection.state_dict()}, tmp / "bridge.pt")
+            self.qformer.save_pretrained(tmp / "qformer")
+            if "language_model_name" not in self.spec or not self.spec.get("freeze_language_model", True):
+                self.language_model.save_pretrained(tmp / "language_model")
+            self.qformer_tokenizer.save_pretrained(tmp / "qformer_tokenizer")
+            self.lm_tokenizer.save_pretrained(tmp / "lm_tokenizer")
+            self.image_encoder.save(tmp / "image_encoder")
+            spec = {**self.spec, "num_query_tokens": int(self.query_tokens.shape[1]), "instruction": self.instruction}
+            atomic_write_json(tmp / SPEC_FILE, spec)
+            atomic_write_json(tmp / "meta.json", {"stage": STAGE, **(meta or {})})
+        self.model_id = checkpoint_id(folder)
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, device: torch.device | None = None) -> "ModificationTextGenerator":
+        return load_modification_generator(folder, device)
+
+
+def checkpoint_id(folder: str | Path) -> str:
+    """`<folder name>@<hash>`: the hash covers the trained parts (bridge + Q-Former + LM if saved), so two folders with
+    the same id hold the same generator."""
+    folder = Path(folder)
+    h = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.suffix in (".pt", ".safetensors", ".bin") and "image_encoder" not in path.parts:
+            h.update(path.relative_to(folder).as_posix().encode())
+            h.update(path.read_bytes())
+    name = folder.name if folder.name not in ("checkpoint-best", "checkpoint-last") else f"{folder.parent.name}/{folder.name}"
+    return f"{name}@{h.hexdigest()[:12]}"
+
+
+# ----------------------------------------------------------------------------------------------- builders
+def build_shapes_generator(dense_folder: str | Path, texts: Sequence[str], num_query_tokens: int = 16,
+                           qformer: dict[str, Any] | None = None, language_model: dict[str, Any] | None = None,
+                           freeze_language_model: bool = True) -> ModificationTextGenerator:
+    """A tiny generator for the Shapes world: the dense image tower (frozen), a word tokenizer over `texts` shared by
+    the Q-Former and the LM, a 2-layer Q-Former and a 2-layer Llama-architecture LM (to be trained on text first)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, InstructBlipQFormerConfig, InstructBlipQFormerModel
+
+    image = dense_image_tokens(dense_folder)
+    tokenizer = build_word_tokenizer([*texts, INSTRUCTION])
+    q_cfg = InstructBlipQFormerConfig(**{**SHAPES_QFORMER, **(qformer or {})}, vocab_size=len(tokenizer),
+                                      pad_token_id=tokenizer.pad_token_id, encoder_hidden_size=image.hidden_size)
+    lm_spec = {**SHAPES_LM, **(language_model or {})}
+    lm_cfg = AutoConfig.for_model(lm_spec.pop("model_type"), **lm_spec, vocab_size=len(tokenizer),
+                                  pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+    spec = {"kind": "shapes", "freeze_language_model": freeze_language_model}
+    return ModificationTextGenerator(image, InstructBlipQFormerModel(q_cfg), AutoModelForCausalLM.from_config(lm_cfg),
+                                     tokenizer, tokenizer, num_query_tokens, INSTRUCTION, spec)
+
+
+def from_instructblip(model: nn.Module, image_processor: Any, qformer_tokenizer: Any, lm_tokenizer: Any,
+                      source: dict[str, Any] | None = None) -> ModificationTextGenerator:
+    """Take the parts of an `InstructBlipForConditionalGeneration` (pretrained for real data, or a tiny random one in
+    tests): its ViT (frozen), Q-Former, query tokens and projection (trained), its decoder-only LM (frozen)."""
+    if model.language_model.config.is_encoder_decoder:
+        raise InputError(None, "text_config", "the generator needs a decoder-only language model (e.g. Vicuna, OPT)")
+    source = dict(source or {})
+    image = hf_image_tokens(model.vision_model, image_processor,
+                            {k: source[k] for k in ("name",) if k in source} | {"class": type(model).__name__})
+    spec = {"kind": "instructblip", "freeze_language_model": True, **source}
+    if "name" in source:
+        spec["language_model_name"] = source["name"]
+    gen = ModificationTextGenerator(image, model.qformer, model.language_model, qformer_tokenizer, lm_tokenizer,
+                                    int(model.query_tokens.shape[1]), INSTRUCTION, spec)
+    with torch.no_grad():  # start from the pretrained bridge, as the paper fine-tunes it
+        gen.query_tokens.copy_(model.query_tokens)
+        gen.language_projection.load_state_dict(model.language_projection.state_dict())
+    return gen
+
+
+def load_pretrained_instructblip(name: str) -> ModificationTextGenerator:
+    """A real generator from the hub or a local copy, e.g. "Salesforce/instructblip-vicuna-7b"."""
+    from transformers import InstructBlipForConditionalGeneration, InstructBlipProcessor
+
+    model = InstructBlipForConditionalGeneration.from_pretrained(name)
+    processor = InstructBlipProcessor.from_pretrained(name)
+    return from_instructblip(model, processor.image_processor, processor.qformer_tokenizer, processor.tokenizer,
+                             {"name": name})
+
+
+def load_modification_generator(folder: str | Path, device: torch.device | None = None) -> ModificationTextGenerator:
+    """Reload a trained generator folder (meta.json stage "mtst"), in eval mode, on `device` (default: get_device())."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer, InstructBlipQFormerModel
+
+    from core.checkpoint import read_meta
+    from core.device import get_device
+
+    folder = Path(folder)
+    read_meta(folder, STAGE)
+    spec = read_json(folder / SPEC_FILE, required=["num_query_tokens", "instruction"])
+    image = load_image_tokens(folder / "image_encoder")
+    qformer = InstructBlipQFormerModel.from_pretrained(folder / "qformer")
+    if (folder / "language_model").is_dir():
+        lm = AutoModelForCausalLM.from_pretrained(folder / "language_model")
+    elif "language_model_name" in spec:
+        lm = transformers.InstructBlipForConditionalGeneration.from_pretrained(spec["language_model_name"]).language_model
+    else:
+        raise InputError(folder / "language_model", None, "language model weights are missing and no name is given")
+    gen = ModificationTextGenerator(
+        image, qformer, lm, AutoTokenizer.from_pretrained(folder / "qformer_tokenizer"),
+        AutoTokenizer.from_pretrained(folder / "lm_tokenizer"), int(spec["num_query_tokens"]), spec["instruction"],
+        {k: v for k, v in spec.items() if k not in ("num_query_tokens", "instruction")})
+    bridge = torch.load(folder / "bridge.pt", map_location="cpu", weights_only=True)
+    with torch.no_grad():
+        gen.query_tokens.copy_(bridge["query_tokens"])
+        gen.segment.copy_(bridge["segment"])
+    gen.language_projection.load_state_dict(bridge["language_projection"])
+    gen.model_id = checkpoint_id(folder)
+    return gen.to(device or get_device()).eval()
+
+
+def generator_summary(folder: str | Path) -> dict[str, Any]:
+    """meta.json + modtext.json of a generator folder, for logs."""
+    folder = Path(folder)
+    return {**json.loads((folder / "meta.json").read_text()), **json.loads((folder / SPEC_FILE).read_text())}

@@ -1,0 +1,58 @@
+"""Foundation-model augmentation: each mined (reference, hard negative) pair gets a new modification text written
+by the foundation model; texts that pass the filter make new positive triplets (reference, new text, hard negative)."""
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from cir.iterative.data import Corpus
+from cir.iterative.foundation import FoundationModel
+from cir.iterative.text_filter import TextFilter
+from core.device import derive_seed
+from core.logging import progress
+
+
+def select_pairs(hard_negatives: Sequence[dict[str, Any]], per_query: int, cap: int, seed: int,
+                 round_index: int) -> list[dict[str, str]]:
+    """(reference, hard negative, original text) pairs, each pair once; a random `cap` of them if capped."""
+    pairs, seen = [], set()
+    for rec in hard_negatives:
+        for hn in rec["hard_negatives"][:per_query]:
+            key = (rec["reference"], hn["image"])
+            if key in seen:
+                continue
+            seen.add(key)
+            pairs.append({"source_pairid": rec["pairid"], "reference": rec["reference"], "hard_negative": hn["image"],
+                          "original_caption": rec["caption"], "original_target": rec["target"]})
+    if cap and len(pairs) > cap:
+        keep = np.random.default_rng(derive_seed(seed, round_index, "augment-cap")).choice(len(pairs), cap, replace=False)
+        pairs = [pairs[i] for i in sorted(keep)]
+    return pairs
+
+
+def generate_augmented(foundation: FoundationModel, corpus: Corpus, pairs: Sequence[dict[str, str]], text_filter: TextFilter,
+                       batch_size: int, seed: int, round_index: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Returns (samples, statistics); every pair is kept in `samples` with `kept` and the filter's `reason`."""
+    samples: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    bar = progress(total=len(pairs), desc=f"generating texts (round {round_index})", unit="pair")
+    for lo in range(0, len(pairs), batch_size):
+        chunk = pairs[lo:lo + batch_size]
+        texts = foundation.generate([corpus.image(p["reference"]) for p in chunk],
+                                    [corpus.image(p["hard_negative"]) for p in chunk],
+                                    [p["original_caption"] for p in chunk],
+                                    seed=derive_seed(seed, round_index, lo, "generate"))
+        if len(texts) != len(chunk):
+            raise RuntimeError(f"the foundation model returned {len(texts)} texts for {len(chunk)} image pairs")
+        for p, text in zip(chunk, texts):
+            reason = text_filter.check(text, p["original_caption"])
+            samples.append({**p, "pairid": f"r{round_index}-{p['source_pairid']}-{p['hard_negative']}",
+                            "caption": text, "kept": reason is None, "reason": reason})
+        bar.update(len(chunk))
+    bar.close()
+    seconds = time.perf_counter() - start
+    stats = {**text_filter.summary(), "pairs": len(pairs), "generation_s": round(seconds, 2),
+             "pairs_per_s": round(len(pairs) / seconds, 2) if seconds > 0 else None}
+    return samples, stats

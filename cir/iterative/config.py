@@ -1,0 +1,69 @@
+"""Command-line surface of `train_iterative` and `eval_iterative` (the seed's flags), one dataclass each."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Fields that change what a round computes; everything else (paths of outputs, resume switches, logging)
+# may differ between a run and its resumption without invalidating cached rounds.
+MINING_FIELDS = ("hard_negative_k", "fast_mode", "fast_mode_triplets", "eval_batch_size", "seed")
+GENERATION_FIELDS = ("foundation_model_backbone", "augment_per_query", "max_augment_per_round", "max_new_tokens",
+                     "num_beams", "do_sample", "max_text_words", "generation_batch_size", "seed")
+TRAINING_FIELDS = ("batch_size", "learning_rate", "weight_decay", "epochs_per_round", "warmup_steps",
+                   "negatives_per_query", "accumulate_augmented", "fast_mode", "fast_mode_triplets", "seed")
+
+
+@dataclass
+class TrainIterativeConfig:
+    # data: the CIRR layout (captions/cap.rc2.{split}.json, image_splits/split.rc2.{split}.json)
+    dataset_name: str = "shapes"            # shapes | cirr (both in the CIRR layout); names the experiment folder
+    data_dir: str = ""                      # folder holding captions/ and image_splits/
+    image_root: str = ""                    # image_splits paths are relative to this folder
+    train_split: str = "train"
+    val_split: str = "val"                  # picks each round's best epoch
+    # the embedding model (round 0 = the model in model_path)
+    model_backbone: str = "composed_retriever"   # composed_retriever (Shapes) | qwen2_vl (VLM2Vec-style)
+    model_path: str = ""                    # folder (or hub name for qwen2_vl) of the round-0 model
+    # the foundation model that writes new modification texts
+    foundation_model_backbone: str = "mtst"  # mtst | qwen2_vl | llava
+    foundation_model_path: str = ""
+    max_new_tokens: int = 24
+    num_beams: int = 1
+    do_sample: bool = False
+    generation_batch_size: int = 32
+    max_text_words: int = 30                # longer generated texts are rejected by the filter
+    # the loop
+    num_iterations: int = 3
+    hard_negative_k: int = 5                # wrong candidates kept per query whose target is not top-1
+    augment_per_query: int = 1             # hard negatives per query turned into new positives by the foundation model
+    max_augment_per_round: int = 0         # cap on generated triplets per round (0 = no cap)
+    negatives_per_query: int = 2            # mined hard negatives appended to the loss's targets per original query
+    accumulate_augmented: bool = True       # round N trains on the augmented triplets of rounds 1..N
+    # training, restarted each round from the previous round's best checkpoint
+    batch_size: int = 64
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.01
+    epochs_per_round: int = 2
+    warmup_steps: int = 10
+    eval_batch_size: int = 256
+    # outputs and resumption
+    experiment_dir: str = ""                # default experiments/{model_backbone}_{dataset_name}_iterative
+    auto_resume: bool = False               # continue a killed run: reuse every round whose manifest matches
+    resume_from_iteration: int = 0          # N > 0: keep rounds < N as they are on disk, redo rounds >= N
+    fast_mode: bool = False                 # a subset of the training triplets, one epoch: for checking
+    fast_mode_triplets: int = 256
+    seed: int = 0
+    wandb: bool = True
+
+
+@dataclass
+class EvalIterativeConfig:
+    experiment_dir: str = ""                # a train_iterative output folder (its config.yaml names data and model)
+    iterations: list[int] = field(default_factory=list)  # e.g. "1,3,5"; empty = every round found, round 0 included
+    eval_dataset: str = "test"              # the split to evaluate (CIRR test labels are server-only: use val there)
+    data_dir: str = ""                      # default: the experiment's data_dir
+    image_root: str = ""
+    eval_batch_size: int = 256
+    output_file: str = "evaluation_results.json"  # relative to experiment_dir unless absolute
+    summary: str = ""                       # the main job's results.json (rows round0..roundN); empty = none
+    summary_stage: str = "cir-iterative"
+    seed: int = 0

@@ -1,0 +1,68 @@
+"""Evaluate every round's model (or the rounds in --iterations) of a train_iterative experiment on one split with
+the CIRR metrics; writes `evaluation_results.json` in the experiment folder and, with --summary, rows round0..roundN
+(metrics + that round's hard-negative statistics) into the main job's results.json.
+
+    python -m cir.iterative.eval_iterative --experiment_dir experiments/composed_retriever_shapes_iterative --iterations "1,3,5"
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+from cir.iterative.backbones import load_backbone
+from cir.iterative.config import EvalIterativeConfig, TrainIterativeConfig
+from cir.iterative.data import Corpus, load_split
+from cir.iterative.evaluate import evaluate_split
+from cir.iterative.train_iterative import ROUND_FILE, checkpoint_dir, round_model_path, round_stats
+from core.config import load_saved_config, parse_config
+from core.device import get_device, seed_everything
+from core.errors import InputError
+from core.io import atomic_write_json
+from core.logging import format_table
+from core.results import update_summary
+
+log = logging.getLogger("cir.iterative")
+
+
+def available_rounds(exp: Path, train_cfg: TrainIterativeConfig) -> list[int]:
+    """Round 0 and every round whose checkpoint finished (its iteration.json is written last, inside the folder)."""
+    return [0] + [n for n in range(1, train_cfg.num_iterations + 1) if (checkpoint_dir(exp, n) / ROUND_FILE).is_file()]
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cfg = parse_config(EvalIterativeConfig, argv)
+    exp = Path(cfg.experiment_dir)
+    if not cfg.experiment_dir or not (exp / "config.yaml").is_file():
+        raise InputError(exp / "config.yaml", "experiment_dir", "not a train_iterative experiment folder")
+    train_cfg = load_saved_config(TrainIterativeConfig, exp / "config.yaml")
+    found = available_rounds(exp, train_cfg)
+    rounds = list(cfg.iterations) or found
+    for n in rounds:
+        if n not in found:
+            raise InputError(checkpoint_dir(exp, n), "iterations", f"round {n} has no finished checkpoint in {exp}")
+    seed_everything(cfg.seed)
+    triplets, paths = load_split(cfg.data_dir or train_cfg.data_dir, cfg.image_root or train_cfg.image_root,
+                                 cfg.eval_dataset)
+    if any(t.target is None for t in triplets):
+        raise InputError(cfg.eval_dataset, "eval_dataset", "this split has no target labels (CIRR test is server-only)")
+    corpus, gallery = Corpus(paths), sorted(paths)
+    results: dict[str, dict[str, Any]] = {}
+    for n in rounds:
+        model = load_backbone(train_cfg.model_backbone, round_model_path(exp, train_cfg, n)).to(get_device())
+        corpus.prepare(model)
+        metrics = evaluate_split(model, corpus, triplets, gallery, cfg.eval_batch_size)
+        results[f"round{n}"] = {**metrics, **round_stats(exp, n)}
+        log.info("round %d on %s: R@1 %.2f  Avg %.2f", n, cfg.eval_dataset, metrics["R@1"], metrics["Avg"])
+    out = Path(cfg.output_file) if Path(cfg.output_file).is_absolute() else exp / cfg.output_file
+    atomic_write_json(out, {"split": cfg.eval_dataset, "queries": len(triplets), "gallery": len(gallery),
+                            "rounds": results})
+    if cfg.summary:
+        update_summary(cfg.summary, cfg.summary_stage, results)
+    print(format_table(results, title=f"iterative CIR on {cfg.eval_dataset} (rounds; stats of each round's mining)"))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""Foundation models that write a modification text for a (reference, target) image pair, turning a mined hard
+negative into a new positive: Qwen2-VL (both images in one multi-image chat turn), LLaVA-style (the two images
+side by side in one picture) and the project's own MTST generator (`core.modtext`, the default on Shapes).
+No fallback: a model that fails to load or to generate stops the run.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import torch
+from PIL import Image
+
+from core.device import autocast, get_device
+from core.errors import InputError
+from cir.iterative.manifest import hash_json, hash_model_source
+
+FOUNDATION_BACKBONES = ("mtst", "qwen2_vl", "llava")
+
+# The prompt the chat models read; the original text is shown so the model writes a *different* instruction,
+# one that fits the hard negative rather than the original target.
+PAIR_PROMPT = (
+    "{layout} The original modification text for a similar pair was: \"{original}\". Write a short modification "
+    "text that changes the reference image into the target image. Answer with the modification text only."
+)
+QWEN_LAYOUT = "The first image is the reference image and the second image is the target image."
+LLAVA_LAYOUT = "The left half of the picture is the reference image and the right half is the target image."
+
+
+class FoundationModel(Protocol):
+    def generate(self, references: Sequence[Image.Image], targets: Sequence[Image.Image],
+                 originals: Sequence[str], seed: int) -> list[str]: ...
+
+    def settings(self) -> dict[str, Any]: ...
+
+
+class _ChatFoundation:
+    """A transformers image-text-to-text model with its processor; subclasses say how the pair is shown."""
+
+    backbone = ""
+    layout = ""
+
+    def __init__(self, model: torch.nn.Module, processor: Any, source: str, max_new_tokens: int = 24,
+                 num_beams: int = 1, do_sample: bool = False, device: torch.device | None = None):
+        self.device = device or get_device()
+        self.model = model.to(self.device).eval()
+        self.processor = processor
+        # Batched generation appends after the prompt, so prompts are padded on the left.
+        self.processor.tokenizer.padding_side = "left"
+        self.source, self.max_new_tokens, self.num_beams, self.do_sample = source, max_new_tokens, num_beams, do_sample
+
+    def settings(self) -> dict[str, Any]:
+        return foundation_settings(self.backbone, self.source, self.max_new_tokens, self.num_beams, self.do_sample)
+
+    def prompt(self, original: str) -> str:
+        return PAIR_PROMPT.format(layout=self.layout, original=original)
+
+    def _messages(self, original: str) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def _images(self, reference: Image.Image, target: Image.Image) -> list[Image.Image]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def generate(self, references: Sequence[Image.Image], targets: Sequence[Image.Image],
+                 originals: Sequence[str], seed: int) -> list[str]:
+        if not (len(references) == len(targets) == len(originals)):
+            raise ValueError("one reference, one target and one original text per pair expected")
+        texts = [self.processor.apply_chat_template(self._messages(o), tokenize=False, add_generation_prompt=True)
+                 for o in originals]
+        images = [self._images(r, t) for r, t in zip(references, targets)]
+        inputs = self.processor(text=texts, images=images, padding=True, return_tensors="pt").to(self.device)
+        torch.manual_seed(seed)  # matters only with do_sample; greedy and beam search are deterministic
+        with autocast(self.device):
+            out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, num_beams=self.num_beams,
+                                      do_sample=self.do_sample)
+        new_tokens = out[:, inputs["input_ids"].shape[1]:]
+        return [t.strip() for t in self.processor.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+class Qwen2VLFoundation(_ChatFoundation):
+    """Qwen2-VL multi-image chat: reference and target are two images of one user turn."""
+
+    backbone = "qwen2_vl"
+    layout = QWEN_LAYOUT
+
+    def _messages(self, original: str) -> list[dict[str, Any]]:
+        return [{"role": "user", "content": [{"type": "image"}, {"type": "image"},
+                                             {"type": "text", "text": self.prompt(original)}]}]
+
+    def _images(self, reference: Image.Image, target: Image.Image) -> list[Image.Image]:
+        return [reference, target]
+
+    @classmethod
+    def from_pretrained(cls, path: str, **kwargs: Any) -> "Qwen2VLFoundation":
+        from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+        model = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=_dtype(kwargs.get("device")))
+        return cls(model, AutoProcessor.from_pretrained(path), path, **kwargs)
+
+
+class LlavaFoundation(_ChatFoundation):
+    """LLaVA sees one image per turn, so the pair is pasted side by side (reference left, target right)."""
+
+    backbone = "llava"
+    layout = LLAVA_LAYOUT
+
+    def _messages(self, original: str) -> list[dict[str, Any]]:
+        return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.prompt(original)}]}]
+
+    def _images(self, reference: Image.Image, target: Image.Image) -> list[Image.Image]:
+        return [side_by_side(reference, target)]
+
+    @classmethod
+    def from_pretrained(cls, path: str, **kwargs: Any) -> "LlavaFoundation":
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=_dtype(kwargs.get("device")))
+        return cls(model, AutoProcessor.from_pretrained(path), path, **kwargs)
+
+
+def side_by_side(left: Image.Image, right: Image.Image) -> Image.Image:
+    """Both images at the height of the taller one, left then right, on one canvas."""
+    height = max(left.height, right.height)
+    scaled = [im.convert("RGB").resize((max(1, round(im.width * height / im.height)), height)) for im in (left, right)]
+    canvas = Image.new("RGB", (scaled[0].width + scaled[1].width, height))
+    canvas.paste(scaled[0], (0, 0))
+    canvas.paste(scaled[1], (scaled[0].width, 0))
+    return canvas
+
+
+class MTSTFoundation:
+    """The project's modification-text generator (`core.modtext`): it reads only the image pair."""
+
+    def __init__(self, generator: Any, source: str, max_new_tokens: int = 24, num_beams: int = 1):
+        self.generator, self.source = generator, source
+        self.max_new_tokens, self.num_beams = max_new_tokens, num_beams
+
+    @classmethod
+    def from_pretrained(cls, path: str, device: torch.device | None = None, max_new_tokens: int = 24,
+                        num_beams: int = 1, do_sample: bool = False) -> "MTSTFoundation":
+        if do_sample:
+            raise InputError(None, "do_sample", "the MTST generator decodes greedily or by beam search only")
+        from core.modtext import load_modification_generator
+
+        return cls(load_modification_generator(path, device=device), path, max_new_tokens, num_beams)
+
+    def settings(self) -> dict[str, Any]:
+        return foundation_settings("mtst", self.source, self.max_new_tokens, self.num_beams, False)
+
+    def generate(self, references: Sequence[Image.Image], targets: Sequence[Image.Image],
+                 originals: Sequence[str], seed: int) -> list[str]:
+        return self.generator.generate(list(references), list(targets), max_new_tokens=self.max_new_tokens,
+                                       num_beams=self.num_beams, seed=seed)
+
+
+def foundation_settings(backbone: str, path: str, max_new_tokens: int, num_beams: int, do_sample: bool) -> dict[str, Any]:
+    """What the generated texts depend on (the manifest's generator entry), known without loading the model."""
+    prompt = {"qwen2_vl": [PAIR_PROMPT, QWEN_LAYOUT], "llava": [PAIR_PROMPT, LLAVA_LAYOUT]}.get(backbone)
+    return {"backbone": backbone, "model": hash_model_source(path), "max_new_tokens": max_new_tokens,
+            "num_beams": num_beams, "do_sample": do_sample, "prompt": hash_json(prompt) if prompt else None}
+
+
+def load_foundation_model(backbone: str, path: str, device: torch.device | None = None, max_new_tokens: int = 24,
+                          num_beams: int = 1, do_sample: bool = False) -> FoundationModel:
+    """The foundation model named by `--foundation_model_backbone` from `--foundation_model_path`."""
+    check_foundation_args(backbone, path)
+    kinds = {"mtst": MTSTFoundation, "qwen2_vl": Qwen2VLFoundation, "llava": LlavaFoundation}
+    return kinds[backbone].from_pretrained(path, device=device or get_device(), max_new_tokens=max_new_tokens,
+                                           num_beams=num_beams, do_sample=do_sample)
+
+
+def check_foundation_args(backbone: str, path: str) -> None:
+    """Checked before any work starts."""
+    if backbone not in FOUNDATION_BACKBONES:
+        raise InputError("command line", "foundation_model_backbone",
+                         f"unknown foundation model {backbone!r}; choose one of {', '.join(FOUNDATION_BACKBONES)}")
+    if not path:
+        raise InputError("command line", "foundation_model_path", "no foundation model given")
+    # A local-looking path must exist; anything else is taken as a hub name (real runs only).
+    if (path.startswith((".", "/", "~")) or backbone == "mtst") and not Path(path).expanduser().exists():
+        raise InputError(path, "foundation_model_path", "foundation model folder not found")
+
+
+def _dtype(device: torch.device | None) -> torch.dtype:
+    return torch.bfloat16 if (device or get_device()).type == "cuda" else torch.float32

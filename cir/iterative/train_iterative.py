@@ -1,0 +1,250 @@
+"""Iterative CIR training. Round N (1..num_iterations), starting from the model of round N-1 (round 0 = --model_path):
+  1. mine hard negatives over the training images with the current model  -> hard_negatives_iter_N.json
+  2. the foundation model writes texts for (reference, hard negative)      -> augmented_samples_iter_N.json
+  3. train on original + augmented triplets with hard negatives in the loss -> checkpoint_iter_N/
+Each file stores the manifest it was computed from (checkpoint hash, config hash, generator settings) and is reused
+on --auto_resume only when that manifest matches. Reads the CIRR layout under --data_dir; writes --experiment_dir.
+
+    python -m cir.iterative.train_iterative --config configs/cir_iterative/shapes.yaml --data_dir ... --model_path ...
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from cir.iterative import augment, manifest
+from cir.iterative.backbones import MODEL_BACKBONES, EmbeddingBackbone, load_backbone
+from cir.iterative.config import GENERATION_FIELDS, MINING_FIELDS, TRAINING_FIELDS, TrainIterativeConfig
+from cir.iterative.data import Corpus, Triplet, load_split
+from cir.iterative.evaluate import evaluate_split
+from cir.iterative.foundation import check_foundation_args, foundation_settings, load_foundation_model
+from cir.iterative.retrieval import mine_hard_negatives
+from cir.iterative.text_filter import TextFilter
+from cir.iterative.trainer import train_round
+from core.config import config_to_dict, parse_config, save_config
+from core.device import get_device, seed_everything
+from core.errors import InputError
+from core.io import atomic_dir, atomic_write_json, read_json
+from core.logging import Tracker, format_table, write_metrics
+
+log = logging.getLogger("cir.iterative")
+STAGE = "cir-iterative"
+ROUND_FILE = "iteration.json"   # in checkpoint_iter_N/: the round's manifest, training history, stage name
+
+
+def experiment_dir(cfg: TrainIterativeConfig) -> Path:
+    return Path(cfg.experiment_dir or f"experiments/{cfg.model_backbone}_{cfg.dataset_name}_iterative")
+
+
+def checkpoint_dir(exp: Path, round_index: int) -> Path:
+    return exp / f"checkpoint_iter_{round_index}"
+
+
+def round_model_path(exp: Path, cfg: TrainIterativeConfig, round_index: int) -> str:
+    return cfg.model_path if round_index == 0 else str(checkpoint_dir(exp, round_index))
+
+
+def validate_config(cfg: TrainIterativeConfig) -> None:
+    """Every option checked before any work starts."""
+    if cfg.model_backbone not in MODEL_BACKBONES:
+        raise InputError("command line", "model_backbone", f"choose one of {', '.join(MODEL_BACKBONES)}")
+    if not cfg.model_path:
+        raise InputError("command line", "model_path", "no round-0 model given")
+    if cfg.model_backbone == "composed_retriever" and not Path(cfg.model_path).is_dir():
+        raise InputError(cfg.model_path, "model_path", "round-0 model folder not found")
+    check_foundation_args(cfg.foundation_model_backbone, cfg.foundation_model_path)
+    for name in ("num_iterations", "hard_negative_k", "batch_size", "epochs_per_round", "eval_batch_size",
+                 "generation_batch_size", "augment_per_query", "max_text_words"):
+        if getattr(cfg, name) < 1:
+            raise InputError("command line", name, "must be at least 1")
+    if not 0 <= cfg.resume_from_iteration <= cfg.num_iterations:
+        raise InputError("command line", "resume_from_iteration", f"must be in 0..{cfg.num_iterations}")
+
+
+def check_experiment_state(cfg: TrainIterativeConfig, exp: Path) -> None:
+    """A run never silently overwrites another: an existing experiment needs --auto_resume or --resume_from_iteration."""
+    if (exp / "config.yaml").is_file() and not cfg.auto_resume and not cfg.resume_from_iteration:
+        raise InputError(exp, "experiment_dir", "holds an experiment already; pass --auto_resume true to continue it "
+                                               "or --resume_from_iteration N to redo rounds from N")
+    if cfg.resume_from_iteration > 1:
+        previous = checkpoint_dir(exp, cfg.resume_from_iteration - 1) / ROUND_FILE
+        if not previous.is_file():
+            raise InputError(previous, "resume_from_iteration",
+                             f"round {cfg.resume_from_iteration - 1} has no finished checkpoint to resume from")
+
+
+class RoundLoop:
+    """The state of one run: data, corpus, and the model of the latest round (loaded only when a step needs it)."""
+
+    def __init__(self, cfg: TrainIterativeConfig, exp: Path):
+        self.cfg, self.exp, self.device = cfg, exp, get_device()
+        self.train_triplets, train_paths = load_split(cfg.data_dir, cfg.image_root, cfg.train_split)
+        self.val_triplets, val_paths = load_split(cfg.data_dir, cfg.image_root, cfg.val_split)
+        if cfg.fast_mode:
+            keep = np.random.default_rng((cfg.seed, 31337)).permutation(len(self.train_triplets))[:cfg.fast_mode_triplets]
+            self.train_triplets = [self.train_triplets[i] for i in sorted(keep)]
+        self.train_gallery = sorted(train_paths)
+        self.val_gallery = sorted(val_paths)
+        self.corpus = Corpus({**train_paths, **val_paths})
+        self.data_hash = manifest.hash_json({"train": [(t.pairid, t.reference, t.caption, t.target) for t in self.train_triplets],
+                                             "gallery": self.train_gallery})
+        self.model: EmbeddingBackbone | None = None
+        self.model_round: int | None = None
+        self.tracker = Tracker(exp, cfg, name=exp.name, enabled=cfg.wandb)
+
+    # ---- the model of a round
+    def model_of(self, round_index: int) -> EmbeddingBackbone:
+        if self.model_round != round_index:
+            self.model = load_backbone(self.cfg.model_backbone, round_model_path(self.exp, self.cfg, round_index)).to(self.device)
+            self.model_round = round_index
+            self.corpus.prepare(self.model)
+        return self.model
+
+    def model_hash(self, round_index: int) -> str:
+        return manifest.hash_model_source(round_model_path(self.exp, self.cfg, round_index))
+
+    def temperature(self, model: EmbeddingBackbone) -> float:
+        return model.temperature
+
+    # ---- step 1: mining
+    def mine(self, n: int, reuse: bool) -> tuple[Path, dict[str, Any]]:
+        path = self.exp / f"hard_negatives_iter_{n}.json"
+        expected = {"round": n, "model": self.model_hash(n - 1), "data": self.data_hash,
+                    "config": manifest.config_hash(self.cfg, MINING_FIELDS)}
+        cached = manifest.read_cached(path, expected) if reuse else None
+        if cached is not None:
+            log.info("round %d: hard negatives reused from %s (manifest matches)", n, path.name)
+            return path, cached
+        model = self.model_of(n - 1)
+        records, stats = mine_hard_negatives(model, self.corpus, self.train_triplets, self.train_gallery,
+                                             self.cfg.hard_negative_k, self.cfg.eval_batch_size)
+        data = {"stats": stats, "queries": records}
+        atomic_write_json(path, {"manifest": expected, "data": data})
+        log.info("round %d: %d of %d training queries miss the top-1 (%.1f%%)", n, stats["missed_top1"],
+                 stats["queries"], stats["missed_top1_%"])
+        return path, data
+
+    # ---- step 2: generation
+    def generate(self, n: int, hn_path: Path, hard_negatives: dict[str, Any], reuse: bool) -> tuple[Path, dict[str, Any]]:
+        cfg = self.cfg
+        path = self.exp / f"augmented_samples_iter_{n}.json"
+        expected = {"round": n, "hard_negatives": manifest.hash_file(hn_path),
+                    "generator": foundation_settings(cfg.foundation_model_backbone, cfg.foundation_model_path,
+                                                     cfg.max_new_tokens, cfg.num_beams, cfg.do_sample),
+                    "config": manifest.config_hash(cfg, GENERATION_FIELDS)}
+        cached = manifest.read_cached(path, expected) if reuse else None
+        if cached is not None:
+            log.info("round %d: augmented samples reused from %s (manifest matches)", n, path.name)
+            return path, cached
+        pairs = augment.select_pairs(hard_negatives["queries"], cfg.augment_per_query, cfg.max_augment_per_round,
+                                     cfg.seed, n)
+        foundation = load_foundation_model(cfg.foundation_model_backbone, cfg.foundation_model_path, self.device,
+                                           cfg.max_new_tokens, cfg.num_beams, cfg.do_sample)
+        samples, stats = augment.generate_augmented(foundation, self.corpus, pairs, TextFilter(cfg.max_text_words),
+                                                    cfg.generation_batch_size, cfg.seed, n)
+        del foundation
+        data = {"stats": stats, "samples": samples}
+        atomic_write_json(path, {"manifest": expected, "data": data})
+        log.info("round %d: %d generated texts kept, %d rejected %s, %.1f pairs/s", n, stats["kept"], stats["rejected"],
+                 {k: v for k, v in stats.items() if k.startswith("rejected_")}, stats["pairs_per_s"] or 0)
+        return path, data
+
+    # ---- step 3: training
+    def training_set(self, n: int, hard_negatives: dict[str, Any]) -> list[Triplet]:
+        negatives = {r["pairid"]: tuple(h["image"] for h in r["hard_negatives"]) for r in hard_negatives["queries"]}
+        originals = [Triplet(t.pairid, t.reference, t.caption, t.target, t.members, negatives.get(t.pairid, ()))
+                     for t in self.train_triplets]
+        rounds = range(1, n + 1) if self.cfg.accumulate_augmented else [n]
+        augmented = []
+        for r in rounds:
+            data = read_json(self.exp / f"augmented_samples_iter_{r}.json", required=["data"])["data"]
+            # The original target is the natural hard negative of a text written for the hard negative.
+            augmented += [Triplet(s["pairid"], s["reference"], s["caption"], s["hard_negative"], (),
+                                  (s["original_target"],), f"round {r}") for s in data["samples"] if s["kept"]]
+        return originals + augmented
+
+    def train(self, n: int, hn_path: Path, hard_negatives: dict[str, Any], reuse: bool) -> dict[str, Any]:
+        cfg, folder = self.cfg, checkpoint_dir(self.exp, n)
+        rounds = range(1, n + 1) if cfg.accumulate_augmented else [n]
+        expected = {"round": n, "init": self.model_hash(n - 1), "hard_negatives": manifest.hash_file(hn_path),
+                    "augmented": [manifest.hash_file(self.exp / f"augmented_samples_iter_{r}.json") for r in rounds],
+                    "config": manifest.config_hash(cfg, TRAINING_FIELDS)}
+        if reuse and (folder / ROUND_FILE).is_file():
+            stored = read_json(folder / ROUND_FILE)
+            if stored.get("manifest") == expected:
+                log.info("round %d: checkpoint reused from %s (manifest matches)", n, folder.name)
+                return stored["training"]
+        triplets = self.training_set(n, hard_negatives)
+        model = self.model_of(n - 1)  # restart from the previous round's best weights, fresh optimizer and schedule
+        seed_everything(cfg.seed + n)
+        result = train_round(
+            model, self.corpus, triplets, epochs=1 if cfg.fast_mode else cfg.epochs_per_round,
+            batch_size=cfg.batch_size, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+            warmup_steps=cfg.warmup_steps, temperature=self.temperature(model),
+            negatives_per_query=cfg.negatives_per_query, seed=cfg.seed, round_index=n,
+            validate=lambda m: evaluate_split(m, self.corpus, self.val_triplets, self.val_gallery, cfg.eval_batch_size),
+            log=lambda metrics, step: self.tracker.log({f"round{n}/{k}": v for k, v in metrics.items()}))
+        result["augmented_in_training"] = sum(t.source != "original" for t in triplets)
+        with atomic_dir(folder) as tmp:
+            model.save_pretrained(tmp)
+            atomic_write_json(tmp / ROUND_FILE, {"stage": STAGE, "round": n, "manifest": expected, "training": result})
+        # The weights in memory are now round n's best: later steps of round n+1 use them without reloading.
+        self.model_round = n
+        log.info("round %d: best validation Avg %.2f", n, result["best_val_Avg"])
+        return result
+
+    def run(self) -> dict[str, Any]:
+        cfg, summary = self.cfg, {}
+        for n in range(1, cfg.num_iterations + 1):
+            # --resume_from_iteration N keeps rounds < N as they are and recomputes N onwards; otherwise reuse is
+            # decided by the manifests alone.
+            redo = bool(cfg.resume_from_iteration) and n >= cfg.resume_from_iteration
+            if cfg.resume_from_iteration and n < cfg.resume_from_iteration:
+                summary[f"round{n}"] = read_json(checkpoint_dir(self.exp, n) / ROUND_FILE)["training"]
+                continue
+            hn_path, hard_negatives = self.mine(n, reuse=not redo)
+            _, augmented = self.generate(n, hn_path, hard_negatives, reuse=not redo)
+            training = self.train(n, hn_path, hard_negatives, reuse=not redo)
+            summary[f"round{n}"] = {"mining": hard_negatives["stats"], "generation": augmented["stats"],
+                                    "best_val_Avg": training["best_val_Avg"], "triplets": training["triplets"]}
+        return summary
+
+
+def round_stats(exp: Path, n: int) -> dict[str, Any]:
+    """Hard-negative statistics of round n (mined with round n-1's model), for the results table."""
+    if n == 0:
+        return {}
+    out: dict[str, Any] = {}
+    hn, aug = exp / f"hard_negatives_iter_{n}.json", exp / f"augmented_samples_iter_{n}.json"
+    if hn.is_file():
+        s = read_json(hn)["data"]["stats"]
+        out.update({"mined_queries": s["queries"], "missed_top1": s["missed_top1"], "missed_top1_%": s["missed_top1_%"]})
+    if aug.is_file():
+        s = read_json(aug)["data"]["stats"]
+        out.update({"aug_kept": s["kept"], "aug_rejected": s["rejected"]})
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cfg = parse_config(TrainIterativeConfig, argv)
+    validate_config(cfg)
+    exp = experiment_dir(cfg)
+    check_experiment_state(cfg, exp)
+    seed_everything(cfg.seed)
+    loop = RoundLoop(cfg, exp)  # reads and checks the data before anything is written
+    save_config(cfg, exp / "config.yaml")
+    summary = loop.run()
+    write_metrics(exp, {"rounds": summary, "config": config_to_dict(cfg)})
+    loop.tracker.finish()
+    print(format_table({r: {**s["mining"], "aug_kept": s["generation"]["kept"], "aug_rejected": s["generation"]["rejected"],
+                            "val_Avg": s["best_val_Avg"]} for r, s in summary.items() if "mining" in s},
+                       title="iterative rounds (hard negatives mined with the previous round's model)"))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""Composed-retrieval datasets in their real layouts, validated when opened.
+
+CIRR (rc2): `captions/cap.rc2.{split}.json` = `[{"pairid", "reference", "target_hard", "target_soft", "caption",
+"img_set": {"id", "members", ...}}]` (the hidden test split has no `target_hard`) and
+`image_splits/split.rc2.{split}.json` = `{name: "./relative/path.png"}`, paths relative to the image root
+(`img_raw/` by default). The Shapes world and the synthetic triplets use the same layout.
+
+FashionIQ: `captions/cap.{category}.{split}.json` = `[{"candidate", "target", "captions": [c1, c2]}]` and
+`image_splits/split.{category}.{split}.json` = `[name, ...]`, images at `images/{name}{ext}`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from core.errors import InputError
+from core.io import read_json
+
+FASHIONIQ_CATEGORIES = ("dress", "shirt", "toptee")
+
+
+@dataclass(frozen=True)
+class CIRTriplet:
+    """One query: reference image + modification text → target (None where the benchmark hides it)."""
+    pairid: int | str
+    reference: str
+    caption: str
+    target: str | None
+    members: tuple[str, ...] = ()  # CIRR's subset of near-duplicates (reference included); empty for FashionIQ
+    set_id: int | str | None = None
+
+
+@dataclass
+class CIRSplit:
+    """The triplets of a split and its gallery: image name → file."""
+    triplets: list[CIRTriplet]
+    images: dict[str, Path]
+    name: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def gallery(self) -> list[str]:
+        return list(self.images)
+
+
+def cirr_files(root: str | Path, split: str) -> tuple[Path, Path]:
+    root = Path(root)
+    return root / "captions" / f"cap.rc2.{split}.json", root / "image_splits" / f"split.rc2.{split}.json"
+
+
+def load_cirr(root: str | Path, split: str, image_root: str | Path | None = None, require_targets: bool = True,
+              check_files: bool = True) -> CIRSplit:
+    """A CIRR-layout split; every reference, target and subset member must be an image of the split."""
+    root = Path(root)
+    cap_path, split_path = cirr_files(root, split)
+    image_root = Path(image_root) if image_root is not None else root / "img_raw"
+    images = _cirr_images(split_path, image_root, check_files)
+    rows = read_json(cap_path)
+    if not isinstance(rows, list):
+        raise InputError(cap_path, None, "a CIRR caption file is a list of triplets (is this the FashionIQ layout "
+                                         "or another file?)")
+    if not rows:
+        raise InputError(cap_path, None, "no triplets")
+    triplets = [_cirr_triplet(cap_path, split_path, i, row, images, require_targets) for i, row in enumerate(rows)]
+    return CIRSplit(triplets, images, name=f"cirr/{split}")
+
+
+def _cirr_images(path: Path, image_root: Path, check_files: bool) -> dict[str, Path]:
+    mapping = read_json(path)
+    if not isinstance(mapping, dict) or not mapping:
+        raise InputError(path, None, "a CIRR image split is a non-empty mapping {name: relative path}")
+    images = {}
+    for name, rel in mapping.items():
+        if not isinstance(rel, str):
+            raise InputError(path, name, f"image path must be a string, got {rel!r}")
+        file = image_root / rel
+        if check_files and not file.is_file():
+            raise InputError(file, name, f"image file not found (listed in {path})")
+        images[name] = file
+    return images
+
+
+def _cirr_triplet(path: Path, split_path: Path, i: int, row: Any, images: dict[str, Path],
+                  require_targets: bool) -> CIRTriplet:
+    if not isinstance(row, dict):
+        raise InputError(path, f"[{i}]", "a triplet must be a mapping")
+    needed = ("pairid", "reference", "caption", "img_set") + (("target_hard",) if require_targets else ())
+    for key in needed:
+        if key not in row:
+            raise InputError(path, f"[{i}].{key}", "required field is missing")
+    if not isinstance(row["caption"], str):
+        raise InputError(path, f"[{i}].caption", "must be a string")
+    members = row["img_set"].get("members") if isinstance(row["img_set"], dict) else None
+    if not isinstance(members, list) or not members:
+        raise InputError(path, f"[{i}].img_set.members", "the subset is empty or missing")
+    target = row.get("target_hard")
+    for key, name in (("reference", row["reference"]), ("target_hard", target)):
+        if name is not None and name not in images:
+            raise InputError(path, f"[{i}].{key}", f"image {name!r} has no entry in {split_path}")
+    for name in members:
+        if name not in images:
+            raise InputError(path, f"[{i}].img_set.members", f"member {name!r} has no entry in {split_path}")
+    if row["reference"] not in members or len(set(members) - {row["reference"]}) == 0:
+        raise InputError(path, f"[{i}].img_set.members", "the subset must hold the reference and other candidates")
+    return CIRTriplet(row["pairid"], row["reference"], row["caption"], target, tuple(members),
+                      row["img_set"].get("id"))
+
+
+def load_cirr_sets(root: str | Path, split: str) -> list[tuple[str, ...]]:
+    """The source groups of a split (`image_sets/sets.rc2.{split}.json`: `[{"id", "members"}]`), to mine pairs from."""
+    path = Path(root) / "image_sets" / f"sets.rc2.{split}.json"
+    rows = read_json(path)
+    if not isinstance(rows, list) or not rows:
+        raise InputError(path, None, "a non-empty list of sets is expected")
+    sets = []
+    for i, row in enumerate(rows):
+        members = row.get("members") if isinstance(row, dict) else None
+        if not isinstance(members, list) or len(members) < 2:
+            raise InputError(path, f"[{i}].members", "a set needs at least two images")
+        sets.append(tuple(members))
+    return sets
+
+
+def join_fashioniq_captions(captions: list[str]) -> str:
+    """The two relative captions as one query text, "Cap1 and cap2" (the CLIP4Cir/SPRC convention)."""
+    parts = [c.strip(" .?,") for c in captions if c and c.strip(" .?,")]
+    if not parts:
+        return ""
+    parts[0] = parts[0][:1].upper() + parts[0][1:]
+    return " and ".join(parts)
+
+
+def load_fashioniq(root: str | Path, category: str, split: str, image_root: str | Path | None = None,
+                   image_ext: str = ".png", check_files: bool = True) -> CIRSplit:
+    """One FashionIQ category and split; the gallery is that category's image split."""
+    root = Path(root)
+    if category not in FASHIONIQ_CATEGORIES:
+        raise InputError(root, "category", f"unknown category {category!r}; expected one of {FASHIONIQ_CATEGORIES}")
+    cap_path = root / "captions" / f"cap.{category}.{split}.json"
+    split_path = root / "image_splits" / f"split.{category}.{split}.json"
+    image_root = Path(image_root) if image_root is not None else root / "images"
+    names = read_json(split_path)
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise InputError(split_path, None, "a FashionIQ image split is a non-empty list of image names")
+    images = {}
+    for name in names:
+        file = image_root / f"{name}{image_ext}"
+        if check_files and not file.is_file():
+            raise InputError(file, name, f"image file not found (listed in {split_path})")
+        images[name] = file
+    rows = read_json(cap_path)
+    if not isinstance(rows, list) or not rows:
+        raise InputError(cap_path, None, "a FashionIQ caption file is a non-empty list of "
+                                         "{candidate, target, captions}")
+    triplets = []
+    for i, row in enumerate(rows):
+        for key in ("candidate", "target", "captions"):
+            if not isinstance(row, dict) or key not in row:
+                raise InputError(cap_path, f"[{i}].{key}", "required field is missing")
+        if not isinstance(row["captions"], list) or not all(isinstance(c, str) for c in row["captions"]):
+            raise InputError(cap_path, f"[{i}].captions", "must be a list of strings")
+        for key in ("candidate", "target"):
+            if row[key] not in images:
+                raise InputError(cap_path, f"[{i}].{key}", f"image {row[key]!r} is not in {split_path}")
+        triplets.append(CIRTriplet(i, row["candidate"], join_fashioniq_captions(row["captions"]), row["target"]))
+    return CIRSplit(triplets, images, name=f"fashioniq/{category}/{split}")

@@ -1,0 +1,224 @@
+"""Train the composed retriever: pretraining on synthetic triplets (L_q2t) or fine-tuning on annotated triplets, with
+L_q2t alone or with PTHA (L_q2t + L_t2t + α·L_p2p, reverse texts from the MTST generator).
+
+Each batch: the queries' own targets, then (with `subset_negatives`) every other member of each query's
+near-duplicate set as appended hard negatives; duplicate target images are not negatives (cir.losses). The model is
+selected on the val split's CIRR Avg; `checkpoint-last/` (optimizer, step, RNG) lets a killed run resume, and a run
+whose metrics.json is written is finished and not redone.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from cir.data import CIRSplit, CIRTriplet, load_cirr
+from cir.evaluate import evaluate_model
+from cir.features import TokenBank, token_bank
+from cir.losses import prototype_alignment, ptha_loss, query_target_contrastive
+from cir.retriever import ComposedRetriever, build_shapes_retriever, load_pretrained_retriever, SHAPES_RETRIEVER
+from core.checkpoint import BEST, LAST, BestTracker, resume, save_checkpoint
+from core.config import parse_config, save_config
+from core.data import epoch_batches
+from core.device import get_device, seed_everything
+from core.errors import InputError
+from core.io import read_json
+from core.logging import Tracker, progress, write_metrics
+
+OBJECTIVES = ("q2t", "ptha")
+
+
+@dataclass
+class TrainConfig:
+    cirr_root: str = "data/shapes/cirr"  # the annotated data (CIRR layout): val for model selection, vocabulary
+    image_root: str = ""  # default {cirr_root}/img_raw; also the image root of `train_root`
+    train_root: str = ""  # where the training triplets are (default cirr_root; the synthetic folder to pretrain)
+    train_split: str = "train"
+    val_split: str = "val"
+    reverse_root: str = ""  # PTHA: folder holding cap.rc2.{train_split}_reverse.json (the synthesis output)
+    data_json: str = ""  # Karpathy captions, added to the Shapes tokenizer's vocabulary ("" = none)
+    dense_checkpoint: str = "runs/shapes/dense/checkpoint-best"  # frozen image encoder (Shapes)
+    pretrained: str = ""  # real data: an InstructBLIP name whose ViT and Q-Former start the retriever
+    model: dict = field(default_factory=dict)  # overrides of cir.retriever.SHAPES_RETRIEVER
+    init_from: str = ""  # a retriever folder to start from (fine-tuning after pretraining)
+    output_dir: str = "runs/shapes/cir/run"
+    cache_dir: str = ""  # image-token cache; default {output_dir}/../features
+    objective: str = "q2t"  # "q2t" (L_q2t) or "ptha" (L_q2t + L_t2t + α·L_p2p)
+    w_q2t: float = 1.0
+    w_t2t: float = 1.0
+    alpha: float = 0.5  # weight of L_p2p (the paper's 0.5)
+    temperature: float = 0.07
+    subset_negatives: bool = True  # append each query's set members as hard negatives
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 20
+    max_triplets: int = 0  # use only the first N training triplets (0 = all)
+    seed: int = 0
+    resume: bool = True
+    overwrite: bool = False
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    return run(parse_config(TrainConfig, argv))
+
+
+def run(cfg: TrainConfig) -> dict:
+    """Train one retriever as `cfg` says (or return the metrics of the finished run in cfg.output_dir)."""
+    if cfg.objective not in OBJECTIVES:
+        raise InputError("config", "objective", f"must be one of {OBJECTIVES}, got {cfg.objective!r}")
+    out = Path(cfg.output_dir)
+    if (out / "metrics.json").is_file() and (out / BEST / "meta.json").is_file() and not cfg.overwrite:
+        print(f"[cir.train] {out} is finished; reusing it (--overwrite true to retrain)")
+        return read_json(out / "metrics.json")
+    seed_everything(cfg.seed)
+    image_root = cfg.image_root or str(Path(cfg.cirr_root) / "img_raw")
+    train = load_cirr(cfg.train_root or cfg.cirr_root, cfg.train_split, image_root)
+    if cfg.max_triplets:
+        train.triplets = train.triplets[:cfg.max_triplets]
+    val = load_cirr(cfg.cirr_root, cfg.val_split, image_root)
+    reverse = _reverse_texts(cfg, train, image_root) if cfg.objective == "ptha" else None
+    device = get_device()
+    model = _build(cfg, train).to(device)
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else out.parent / "features"
+    name = Path(cfg.cirr_root).name
+    bank = token_bank(model.image_encoder, train.images, cache / f"{name}_{cfg.train_split}.pt")
+    val_bank = token_bank(model.image_encoder, val.images, cache / f"{name}_{cfg.val_split}.pt")
+    return fit(model, train, bank, val, val_bank, reverse, cfg)
+
+
+def _build(cfg: TrainConfig, train: CIRSplit) -> ComposedRetriever:
+    if cfg.init_from:
+        return ComposedRetriever.from_pretrained(cfg.init_from)
+    spec = {**SHAPES_RETRIEVER, **cfg.model}
+    if cfg.pretrained:
+        return load_pretrained_retriever(cfg.pretrained, spec)
+    texts = [t.caption for t in train.triplets]
+    annotated = Path(cfg.cirr_root) / "captions" / f"cap.rc2.{cfg.train_split}.json"
+    if annotated.is_file():
+        texts += [r["caption"] for r in read_json(annotated) if isinstance(r, dict) and "caption" in r]
+    if cfg.data_json:
+        from core.data import load_karpathy
+
+        records = load_karpathy(cfg.data_json, Path(cfg.data_json).parent, "train", check_files=False)
+        texts += [c for r in records for c in r.captions]
+    return build_shapes_retriever(cfg.dense_checkpoint, texts, spec)
+
+
+def _reverse_texts(cfg: TrainConfig, train: CIRSplit, image_root: str) -> dict:
+    if not cfg.reverse_root:
+        raise InputError("config", "reverse_root", "PTHA needs the reverse texts (the synthesis output folder)")
+    rev = load_cirr(cfg.reverse_root, f"{cfg.train_split}_reverse", image_root)
+    by_id = {t.pairid: t.caption for t in rev.triplets}
+    missing = [t.pairid for t in train.triplets if t.pairid not in by_id]
+    if missing:
+        raise InputError(Path(cfg.reverse_root) / "captions" / f"cap.rc2.{cfg.train_split}_reverse.json", "pairid",
+                         f"no reverse text for {len(missing)} training triplets (e.g. pairid {missing[0]})")
+    return by_id
+
+
+def batch_targets(batch: Sequence[CIRTriplet], forward: bool, subset_negatives: bool) -> tuple[list[str], list[str]]:
+    """(positives, all targets): the queries' own targets first, then their set members as appended negatives.
+    Reverse direction (target + reverse text → reference): the positive is the reference."""
+    own = [t.target if forward else t.reference for t in batch]
+    extra = []
+    if subset_negatives:
+        for t in batch:
+            start = t.reference if forward else t.target  # never the query's own image
+            extra += [m for m in t.members if m != start]
+    return own, own + extra
+
+
+def step_loss(model: ComposedRetriever, batch: Sequence[CIRTriplet], bank: TokenBank, reverse: dict | None,
+              cfg: TrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """Eq. of the PTHA paper: L = w_q2t·L_q2t + w_t2t·L_t2t + α·L_p2p (or L_q2t alone for the "q2t" objective)."""
+    dev = model.device
+    ref_tok = bank.get([t.reference for t in batch], dev)
+    query, proto = model.encode_queries_with_prototype(ref_tok, [t.caption for t in batch])
+    _, fwd_targets = batch_targets(batch, True, cfg.subset_negatives)
+    targets = model.encode_targets_from_tokens(bank.get(fwd_targets, dev))
+    l_q2t = query_target_contrastive(query, targets, cfg.temperature, target_ids=fwd_targets)
+    if reverse is None:
+        return l_q2t, {"q2t": l_q2t.item()}
+    tgt_tok = bank.get([t.target for t in batch], dev)
+    rev_query, rev_proto = model.encode_queries_with_prototype(tgt_tok, [reverse[t.pairid] for t in batch])
+    _, rev_targets = batch_targets(batch, False, cfg.subset_negatives)
+    refs = model.encode_targets_from_tokens(bank.get(rev_targets, dev))
+    l_t2t = query_target_contrastive(rev_query, refs, cfg.temperature, target_ids=rev_targets)
+    l_p2p = prototype_alignment(proto, rev_proto, cfg.temperature)
+    loss = ptha_loss(l_q2t, l_t2t, l_p2p, cfg.w_q2t, cfg.w_t2t, cfg.alpha)
+    return loss, {"q2t": l_q2t.item(), "t2t": l_t2t.item(), "p2p": l_p2p.item()}
+
+
+def _schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, total: int):
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, f)
+
+
+def fit(model: ComposedRetriever, train: CIRSplit, bank: TokenBank, val: CIRSplit, val_bank: TokenBank,
+        reverse: dict | None, cfg: TrainConfig) -> dict:
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    triplets = [t for t in train.triplets if t.target is not None]
+    if not triplets:
+        raise InputError(cfg.train_root or cfg.cirr_root, f"cap.rc2.{cfg.train_split}.json", "no triplet with a target")
+    bs = min(cfg.batch_size, len(triplets))
+    per_epoch = len(triplets) // bs
+    total = per_epoch * cfg.epochs
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = _schedule(opt, cfg, total)
+    step, tracker_best = 0, BestTracker()
+    if cfg.resume and (out / LAST / "training_state.pt").is_file():
+        step, meta = resume(out / LAST, stage="cir", model=model, optimizer=opt, scheduler=sched)
+        tracker_best = BestTracker(meta.get("best_val_avg"))
+        print(f"[cir.train] resuming {out} at step {step}")
+    tracker = Tracker(out, cfg, name=f"cir-{out.name}")
+    best_metrics: dict = {}
+    bar = progress(total=total, initial=step, desc=f"cir {out.name}")
+    while step < total:
+        epoch, offset = divmod(step, per_epoch)
+        model.train()
+        for idx in epoch_batches(len(triplets), bs, cfg.seed, epoch)[offset:]:
+            loss, parts = step_loss(model, [triplets[i] for i in idx], bank, reverse, cfg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            tracker.log({f"train/{k}": v for k, v in parts.items()} | {"train/loss": loss.item()}, step=step)
+        metrics = evaluate_model(model, val, val_bank)
+        tracker.log({f"val/{k}": v for k, v in metrics.items()}, step=step)
+        if tracker_best.update(metrics["Avg"]):
+            best_metrics = {**metrics, "step": step}
+            save_checkpoint(out / BEST, stage="cir", model=model, step=step, config=cfg,
+                            extra={"val": metrics}, model_files=model.write_files)
+        save_checkpoint(out / LAST, stage="cir", model=model, step=step, optimizer=opt, scheduler=sched, config=cfg,
+                        extra={"best_val_avg": tracker_best.best}, model_files=model.write_files)
+    bar.close()
+    if not best_metrics:  # resumed after the last epoch finished: read what the best checkpoint recorded
+        best_metrics = read_json(out / BEST / "meta.json").get("val", {})
+    result = {"val": best_metrics, "objective": cfg.objective, "alpha": cfg.alpha, "n_train": len(triplets),
+              "steps": total}
+    write_metrics(out, result)
+    tracker.finish()
+    print(f"[cir.train] {out.name}: best val Avg {best_metrics.get('Avg', float('nan')):.2f} "
+          f"(R@1 {best_metrics.get('R@1', float('nan')):.2f}, Rs@1 {best_metrics.get('Rs@1', float('nan')):.2f})")
+    return result
+
+
+if __name__ == "__main__":
+    main()

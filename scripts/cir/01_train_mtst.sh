@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# MTST generator: the tiny LM learns the world's language from text, then the Q-Former learns to write the
+# modification text of (reference, target) from the annotated triplets. -> $RUN_DIR/cir/mtst/checkpoint-best/
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+source scripts/common.sh
+
+LM_STEPS=$(fast_or 60 300)
+STEPS=$(fast_or 150 700)
+BATCH_SIZE=32
+LR=1e-3
+EVAL_EVERY=$(fast_or 150 175)
+
+"$PYTHON" -m cir.train_mtst --config configs/cir/shapes_mtst.yaml \
+  --cirr_root "$DATA_DIR/cirr" --data_json "$DATA_DIR/dataset_shapes.json" \
+  --dense_checkpoint "$RUN_DIR/dense/checkpoint-best" --output_dir "$RUN_DIR/cir/mtst" \
+  --lm_steps "$LM_STEPS" --steps "$STEPS" --batch_size "$BATCH_SIZE" --lr "$LR" --eval_every "$EVAL_EVERY" \
+  --seed "$SEED" "$@"

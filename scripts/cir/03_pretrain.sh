@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Pretrain the composed retriever on the synthetic triplets (L_q2t). Its best checkpoint is also the zero-shot row.
+# -> $RUN_DIR/cir/pretrain-synthetic/
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+source scripts/common.sh
+
+EPOCHS=$(fast_or 3 4)
+BATCH_SIZE=128
+LR=1e-3
+
+"$PYTHON" -m cir.train --config configs/cir/shapes_train.yaml \
+  --cirr_root "$DATA_DIR/cirr" --train_root "$RUN_DIR/cir/synthetic" --image_root "$DATA_DIR/cirr/img_raw" \
+  --data_json "$DATA_DIR/dataset_shapes.json" --dense_checkpoint "$RUN_DIR/dense/checkpoint-best" \
+  --output_dir "$RUN_DIR/cir/pretrain-synthetic" --objective q2t \
+  --epochs "$EPOCHS" --batch_size "$BATCH_SIZE" --lr "$LR" --seed "$SEED" "$@"

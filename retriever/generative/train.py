@@ -1,0 +1,240 @@
+"""Train the ComGTIR-D retriever, one stage per call (`--stage`):
+
+- `seqid`   (stage 1): the T5 learns to generate the sequential identifier of the query's image;
+- `setid`   (stage 2): from the stage-1 model, the encoder and the set head learn the order-invariant identifier
+                       (decoder and token embeddings frozen, so the two stages can be merged);
+- `unified` (stage 3): from the merged model (retriever.generative.merge), both objectives jointly.
+
+Reads `data_dir/{train,val}.jsonl` (retriever.generative.prepare_dataset) and `codes.json`; writes
+`output_dir/checkpoint-last/` (resumable) and `output_dir/checkpoint-best/` (best validation recall: constrained
+beam search over the validation images for seqid/unified, set-score ranking for setid), and `metrics.json`
+after every validation. A finished stage is skipped unless `--overwrite true`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from core.checkpoint import BEST, LAST, BestTracker, read_meta, resume, save_checkpoint
+from core.config import parse_config
+from core.device import autocast, get_device, seed_everything
+from core.errors import InputError
+from core.io import atomic_write_json, read_jsonl
+from core.logging import Tracker, progress, write_metrics
+from core.metrics import mean_recall, recall_from_rankings
+from retriever.generative.decoding import CorpusTrie, generate_rankings
+from retriever.generative.model import (SET_LOSSES, SHAPES_T5, STAGE, GenerativeRetriever, RetrieverSpec, build_t5,
+                                        load_retriever, save_retriever_files, set_loss)
+from retriever.generative.vocab import CodeVocab, build_tokenizer
+from rqvae.codes import Identifiers
+
+STAGES = ("seqid", "setid", "unified")
+
+
+@dataclass
+class RetrieverTrainConfig:
+    stage: str = "seqid"  # seqid (stage 1), setid (stage 2), unified (stage 3)
+    data_dir: str = "runs/shapes/comgtir/data"
+    codes: str = "runs/shapes/comgtir/codes.json"
+    output_dir: str = "runs/shapes/comgtir/stage1_seqid"
+    init: str = ""  # checkpoint folder to start from ("" = a new model; stage 2 and 3 need one)
+    tokenizer: str = "word"  # "word": a WordLevel tokenizer trained on the training queries; else a pretrained name/folder
+    model: dict = field(default_factory=lambda: dict(SHAPES_T5))  # T5 config, or {"pretrained": "t5-base"}
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    set_loss: str = "margin"  # margin (the paper's, default) or infonce (the reference code's)
+    margin: float = 0.5
+    set_weight: float = 1.0  # weight of the set loss in the unified stage
+    guidance: float = 1.0  # weight of the set prior when decoding at validation (unified stage)
+    num_beams: int = 10
+    eval_every: int = 2  # epochs between validations (and the last epoch)
+    max_val_queries: int = 500
+    max_query_len: int = 48
+    resume: bool = True
+    overwrite: bool = False
+    wandb_project: str = "genretrieval"
+    seed: int = 0
+
+
+class QueryData:
+    """The rows of a retriever JSONL as tensors the training loop indexes by batch."""
+
+    def __init__(self, path: Path, ids: Identifiers, vocab_spec: RetrieverSpec | None = None):
+        self.rows = read_jsonl(path, required=["query", "imgid", "code", "set"])
+        if not self.rows:
+            raise InputError(path, None, "no rows")
+        ids.require([r["imgid"] for r in self.rows])
+        for n, r in enumerate(self.rows):
+            if tuple(r["code"]) != ids.seq[str(r["imgid"])]:
+                raise InputError(path, f"line {n + 1}: code", f"differs from {ids.path} for image {r['imgid']}: "
+                                                              "regenerate the retriever data after generate_codes")
+        self.queries = [r["query"] for r in self.rows]
+        self.imgids = [r["imgid"] for r in self.rows]
+        self.codes = torch.tensor([r["code"] for r in self.rows], dtype=torch.long)
+        self.sets = torch.zeros(len(self.rows), ids.set_size)
+        for n, r in enumerate(self.rows):
+            self.sets[n, r["set"]] = 1.0
+        keys = {i: k for k, i in enumerate(dict.fromkeys(map(str, self.imgids)))}
+        self.image_index = torch.tensor([keys[str(i)] for i in self.imgids])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def split_corpus(ids: Identifiers, split: str, width: int) -> CorpusTrie:
+    keys = [k for k, s in ids.split.items() if s == split]
+    if not keys:
+        raise InputError(ids.path, "images[].split", f"no image of split {split!r}")
+    imgids = [int(k) if k.lstrip("-").isdigit() else k for k in keys]
+    return CorpusTrie(torch.tensor([ids.seq[k] for k in keys]), imgids, width)
+
+
+def set_ranking_recall(model: GenerativeRetriever, tokenizer: Any, queries: list[str], positives: list, ids: Identifiers,
+                       split: str, device: torch.device, max_len: int) -> dict[str, float]:
+    """Recall of ranking the split's images by set score alone (mean of their codes' scores)."""
+    keys = [k for k, s in ids.split.items() if s == split]
+    sets = torch.zeros(len(keys), ids.set_size)
+    for n, k in enumerate(keys):
+        sets[n, ids.sets[k]] = 1.0 / len(ids.sets[k])
+    ranked = []
+    with torch.no_grad():
+        for i in range(0, len(queries), 256):
+            b = tokenizer(queries[i:i + 256], padding=True, truncation=True, max_length=max_len, return_tensors="pt").to(device)
+            logits = model.set_logits(model.encode(b["input_ids"], b["attention_mask"]), b["attention_mask"]).float().cpu()
+            top = (logits @ sets.T).topk(min(10, len(keys)), dim=1).indices
+            ranked += [[keys[j] for j in row] for row in top.tolist()]
+    return recall_from_rankings(ranked, [[str(p)] for p in positives])
+
+
+def validate(cfg: RetrieverTrainConfig, model: GenerativeRetriever, tokenizer: Any, vocab: CodeVocab, val: QueryData,
+             ids: Identifiers, trie: CorpusTrie, device: torch.device) -> dict[str, float]:
+    rng = np.random.default_rng(cfg.seed)
+    pick = np.sort(rng.permutation(len(val))[:cfg.max_val_queries])
+    queries, positives = [val.queries[i] for i in pick], [val.imgids[i] for i in pick]
+    model.eval()
+    if cfg.stage == "setid":
+        return set_ranking_recall(model, tokenizer, queries, positives, ids, "val", device, cfg.max_query_len)
+    ranked, _ = generate_rankings(model, tokenizer, vocab, trie, queries, num_beams=cfg.num_beams,
+                                  guidance=cfg.guidance if cfg.stage == "unified" else 0.0,
+                                  max_query_len=cfg.max_query_len, device=device, desc="validating")
+    return recall_from_rankings(ranked, [[p] for p in positives])
+
+
+def build_model(cfg: RetrieverTrainConfig, ids: Identifiers, train: QueryData) -> tuple[GenerativeRetriever, Any, CodeVocab]:
+    if cfg.init:
+        model, tokenizer, vocab, _ = load_retriever(cfg.init)
+        model.spec.check_fits(ids)
+        return model, tokenizer, vocab
+    if cfg.stage != "seqid":
+        raise InputError("config", "init", f"stage {cfg.stage} starts from a trained model: set --init")
+    tokenizer = build_tokenizer(cfg.tokenizer, train.queries, ids.levels, ids.codebook_size, ids.suffix_size)
+    vocab = CodeVocab(tokenizer, ids.levels, ids.codebook_size, ids.suffix_size, source=cfg.tokenizer)
+    t5 = build_t5(cfg.model, len(tokenizer), vocab.pad_id, vocab.eos_id)
+    return GenerativeRetriever(t5, RetrieverSpec.from_identifiers(ids)), tokenizer, vocab
+
+
+def trainable_parameters(model: GenerativeRetriever, stage: str) -> list[torch.nn.Parameter]:
+    """Stage 2 trains the encoder blocks and the set head only, so merging with stage 1 is well defined."""
+    if stage != "setid":
+        return [p for p in model.parameters() if p.requires_grad]
+    model.t5.shared.weight.requires_grad_(False)
+    return list(model.t5.encoder.block.parameters()) + list(model.t5.encoder.final_layer_norm.parameters()) + \
+        list(model.set_head.parameters())
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    cfg = parse_config(RetrieverTrainConfig, argv)
+    if cfg.stage not in STAGES:
+        raise InputError("config", "stage", f"must be one of {STAGES}, got {cfg.stage!r}")
+    if cfg.set_loss not in SET_LOSSES:
+        raise InputError("config", "set_loss", f"must be one of {SET_LOSSES}, got {cfg.set_loss!r}")
+    out = Path(cfg.output_dir)
+    ids = Identifiers(cfg.codes)
+    train = QueryData(Path(cfg.data_dir) / "train.jsonl", ids)
+    val = QueryData(Path(cfg.data_dir) / "val.jsonl", ids)
+    if (out / BEST).is_dir() and not cfg.overwrite and read_meta(out / BEST, STAGE).get("done"):
+        print(f"stage {cfg.stage} already trained in {out} (--overwrite true to retrain)")
+        return out / BEST
+
+    seed_everything(cfg.seed)
+    device = get_device()
+    model, tokenizer, vocab = build_model(cfg, ids, train)
+    model.to(device)
+    trie = split_corpus(ids, "val", vocab.token_ids.shape[1])
+    params = trainable_parameters(model, cfg.stage)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(1, len(train) // cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    warmup = min(cfg.warmup_steps, total // 10 + 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
+    step, best = 0, BestTracker()
+    if cfg.resume and (out / LAST).is_dir() and not cfg.overwrite:
+        step, meta = resume(out / LAST, stage=STAGE, model=model, optimizer=optimizer, scheduler=scheduler)
+        best = BestTracker(meta.get("best"))
+    tracker = Tracker(out, cfg, project=cfg.wandb_project, name=f"comgtir-{cfg.stage}-{out.parent.parent.name}")
+    files = save_retriever_files(model, tokenizer)
+    seq_w = 0.0 if cfg.stage == "setid" else 1.0
+    set_w = {"seqid": 0.0, "setid": 1.0, "unified": cfg.set_weight}[cfg.stage]
+    history: list[dict[str, Any]] = []
+
+    bar = progress(total=total, initial=step, desc=f"training {cfg.stage}")
+    while step < total:
+        epoch = step // steps_per_epoch
+        order = np.random.default_rng((cfg.seed, epoch)).permutation(len(train))
+        batch = torch.from_numpy(order[(step % steps_per_epoch) * cfg.batch_size:][:cfg.batch_size])
+        enc = tokenizer([train.queries[i] for i in batch], padding=True, truncation=True,
+                        max_length=cfg.max_query_len, return_tensors="pt").to(device)
+        model.train()
+        with autocast(device):
+            hidden = model.encode(enc["input_ids"], enc["attention_mask"])
+            loss, parts = hidden.new_zeros(()), {}
+            if seq_w:
+                labels = torch.cat([vocab.encode(train.codes[batch]),
+                                    torch.full((len(batch), 1), vocab.eos_id)], dim=1).to(device)
+                seq = model.seq_loss(hidden, enc["attention_mask"], labels)
+                loss, parts["seq"] = loss + seq_w * seq, seq.item()
+            if set_w:
+                logits = model.set_logits(hidden, enc["attention_mask"]).float()
+                st = set_loss(logits, train.sets[batch].to(device), train.image_index[batch].to(device),
+                              cfg.set_loss, cfg.margin)
+                loss, parts["set"] = loss + set_w * st, st.item()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{float(loss):.3f}")
+        end_of_epoch = step % steps_per_epoch == 0
+        if end_of_epoch and ((epoch + 1) % cfg.eval_every == 0 or step == total):
+            recall = validate(cfg, model, tokenizer, vocab, val, ids, trie, device)
+            score = mean_recall(recall)
+            history.append({"step": step, "epoch": epoch + 1, **parts, **{f"val/{k}": v for k, v in recall.items()}})
+            tracker.log({f"train/{k}": v for k, v in parts.items()} | {f"val/{k}": v for k, v in recall.items()}, step=step)
+            write_metrics(out, {"stage": cfg.stage, "best_val_mean_recall": max(best.best or 0, score), "history": history})
+            if best.update(score):
+                save_checkpoint(out / BEST, stage=STAGE, model=model, step=step, config=cfg,
+                                extra={"val": recall, "val_mean_recall": score, "train_stage": cfg.stage}, model_files=files)
+            save_checkpoint(out / LAST, stage=STAGE, model=model, step=step, optimizer=optimizer, scheduler=scheduler,
+                            config=cfg, extra={"best": best.best, "train_stage": cfg.stage}, model_files=files)
+            print(f"[{cfg.stage}] epoch {epoch + 1}: loss {float(loss):.3f} val {recall}")
+    bar.close()
+    meta = read_meta(out / BEST, STAGE)
+    atomic_write_json(out / BEST / "meta.json", {**meta, "done": True})
+    tracker.finish()
+    print(f"[{cfg.stage}] best validation {meta.get('val')} → {out / BEST}")
+    return out / BEST
+
+
+if __name__ == "__main__":
+    main()

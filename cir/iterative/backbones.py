@@ -107,7 +107,16 @@ class ComposedRetrieverBackbone(EmbeddingBackbone):
         from cir.retriever import ComposedRetriever
 
         spec = _read_spec(path)
-        return cls(ComposedRetriever.from_pretrained(path), spec.get("temperature"))
+        return cls(ComposedRetriever.from_pretrained(path), spec.get("temperature", _trained_temperature(path)))
+
+
+def _trained_temperature(folder: str | Path) -> float | None:
+    """The temperature in the resolved config.yaml the CIR stage saves beside its checkpoint, if any."""
+    import yaml
+
+    path = Path(folder) / "config.yaml"
+    value = (yaml.safe_load(path.read_text()) or {}).get("temperature") if path.is_file() else None
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def _retriever_temperature(retriever: torch.nn.Module) -> float:

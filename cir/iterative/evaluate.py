@@ -18,19 +18,7 @@ def evaluate_split(backbone: EmbeddingBackbone, corpus: Corpus, triplets: Sequen
 
 
 def cirr_metrics_from_scores(scores: np.ndarray, triplets: Sequence[Triplet], gallery: Sequence[str]) -> dict[str, float]:
-    """`scores` already hold -inf at each query's reference (see score_queries)."""
-    from core.metrics import recall_from_rankings
+    """The CIR stage's tested implementation of the benchmark's definitions (cir.metrics)."""
+    from cir.metrics import cirr_metrics
 
-    column = {name: j for j, name in enumerate(gallery)}
-    order = np.argsort(-scores, axis=1, kind="stable")
-    ranked = [[gallery[j] for j in row if gallery[j] != t.reference] for row, t in zip(order, triplets)]
-    positives = [[t.target] for t in triplets]
-    metrics = recall_from_rankings(ranked, positives, ks=(1, 5, 10, 50))
-    subset_ranked = []
-    for i, t in enumerate(triplets):
-        candidates = [m for m in t.members if m != t.reference]
-        cols = [column[m] for m in candidates]
-        subset_ranked.append([candidates[k] for k in np.argsort(-scores[i, cols], kind="stable")])
-    metrics.update(recall_from_rankings(subset_ranked, positives, ks=(1, 2, 3), prefix="Rs@"))
-    metrics["Avg"] = (metrics["R@5"] + metrics["Rs@1"]) / 2
-    return metrics
+    return cirr_metrics(scores, list(gallery), list(triplets))

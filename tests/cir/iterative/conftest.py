@@ -95,3 +95,31 @@ def tiny_qwen2vl(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llava(tmp_path_factory) -> Path:
     return save_tiny_llava(tmp_path_factory.mktemp("llava") / "tiny-llava")
+
+
+@pytest.fixture(scope="session")
+def round0_retriever(shapes_world, dense_checkpoint, tmp_path_factory) -> Path:
+    """A composed retriever (the CIR stage's model class) trained briefly on the tiny world's annotated triplets:
+    the round-0 model of the loop tests."""
+    from cir.data import load_cirr
+    from cir.iterative.backbones import ComposedRetrieverBackbone
+    from cir.iterative.data import Corpus, load_split
+    from cir.iterative.evaluate import evaluate_split
+    from cir.iterative.trainer import train_round
+    from cir.retriever import build_shapes_retriever
+    from core.device import seed_everything
+
+    seed_everything(0)
+    root = shapes_world / "cirr"
+    texts = [t.caption for s in ("train", "val", "test") for t in load_cirr(root, s).triplets]
+    backbone = ComposedRetrieverBackbone(build_shapes_retriever(dense_checkpoint, texts), temperature=0.07)
+    train, train_paths = load_split(root, None, "train")
+    val, val_paths = load_split(root, None, "val")
+    corpus = Corpus({**train_paths, **val_paths})
+    corpus.prepare(backbone)
+    train_round(backbone, corpus, train, epochs=15, batch_size=32, lr=1e-3, weight_decay=0.0, warmup_steps=5,
+                temperature=0.07, negatives_per_query=0, seed=0, round_index=0,
+                validate=lambda m: evaluate_split(m, corpus, val, sorted(val_paths), 256))
+    folder = tmp_path_factory.mktemp("cir") / "retriever"
+    backbone.save_pretrained(folder)
+    return folder

@@ -1,0 +1,103 @@
+"""Evaluate ReT and its ablations on a split: Recall@1/5/10 by exhaustive MaxSim, and how often the faiss
+index finds the same top-10 as exhaustive MaxSim.
+
+Reads `run_dir/{variant}/checkpoint-best` for each variant, the split's queries/passages JSONL, the
+tower-token cache, and (for the `index` row) the index folder and the search step's rankings. Writes
+`output_dir/metrics.json` and, with `summary`, the rows ret/{variant} and ret/index of the main job's
+results.json.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from core.config import parse_config
+from core.device import get_device
+from core.errors import InputError
+from core.io import read_jsonl
+from core.logging import format_table, write_metrics
+from core.metrics import recall_from_rankings
+from core.results import update_summary
+from retriever.ret.data import M2KRSplit, load_m2kr
+from retriever.ret.features import CachedSource, LiveSource
+from retriever.ret.model import RetrieverModel
+from retriever.ret.retrieval import encode_items, exact_topk, passage_items, query_items
+from retriever.ret.token_index import TokenIndex
+from retriever.ret.train import VARIANTS
+
+
+@dataclass
+class EvalConfig:
+    run_dir: str = "runs/shapes/ret"  # holds {variant}/checkpoint-best
+    variants: list = field(default_factory=lambda: list(VARIANTS))
+    queries_file: str = "data/shapes/m2kr/shapes_{split}.jsonl"
+    passages_file: str = "data/shapes/m2kr/shapes_passages_{split}.jsonl"
+    image_root: str = "data/shapes"
+    split: str = "test"
+    cache_dir: str = "runs/shapes/ret/cache"  # '' = run the towers
+    use_instruction: bool = False
+    index_dir: str = "runs/shapes/ret/index"  # '' = skip the index check
+    rankings_file: str = "runs/shapes/ret/search/rankings_test.jsonl"
+    index_variant: str = "ret"  # the variant the index was built with
+    output_dir: str = "runs/shapes/ret/eval"
+    summary: str = ""  # results.json of the main job to update ('' = don't)
+    stage: str = "ret"
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
+    cfg = parse_config(EvalConfig, argv)
+    split = load_m2kr(cfg.queries_file.format(split=cfg.split), cfg.passages_file.format(split=cfg.split),
+                      cfg.image_root)
+    for variant in cfg.variants:
+        if not (Path(cfg.run_dir) / variant / "checkpoint-best").is_dir():
+            raise InputError(Path(cfg.run_dir) / variant / "checkpoint-best", "run_dir", "no trained model here")
+    device = get_device()
+    rows: dict[str, dict[str, float]] = {}
+    query_emb = {}
+    for variant in cfg.variants:
+        model = RetrieverModel.from_pretrained(Path(cfg.run_dir) / variant / "checkpoint-best", device=device)
+        source = CachedSource(Path(cfg.cache_dir) / cfg.split) if cfg.cache_dir else LiveSource(model.towers, device)
+        q = encode_items(model.get_query_model(), source, query_items(split, cfg.use_instruction), desc=f"{variant} queries")
+        p = encode_items(model.get_passage_model(), source, passage_items(split), desc=f"{variant} passages")
+        query_emb[variant] = q
+        _, top = exact_topk(q, p, 10, desc=f"{variant} exact MaxSim")
+        ranked = [[split.passages[r].passage_id for r in row] for row in top]
+        rows[variant] = recall_from_rankings(ranked, [x.positives for x in split.queries])
+    if cfg.index_dir:
+        if cfg.index_variant not in query_emb:
+            raise InputError("command line", "index_variant", f"{cfg.index_variant!r} is not among the variants evaluated")
+        rows["index"] = index_agreement(cfg, split, query_emb[cfg.index_variant])
+    print(format_table(rows, title=f"ReT on {cfg.split} ({len(split.queries)} queries, {len(split.passages)} passages)",
+                       row_header="variant"))
+    write_metrics(cfg.output_dir, {"split": cfg.split, "n_queries": len(split.queries),
+                                   "n_passages": len(split.passages), **rows})
+    if cfg.summary:
+        update_summary(cfg.summary, cfg.stage, rows)
+    return rows
+
+
+def index_agreement(cfg: EvalConfig, split: M2KRSplit, queries: np.ndarray) -> dict[str, float]:
+    """% of queries whose index top-10 is exactly the exhaustive-MaxSim top-10 (as a set, and in order), over the
+    very embeddings the index stores; plus the index's own Recall@K."""
+    index = TokenIndex.load(cfg.index_dir)
+    ranked = {r["question_id"]: r["passage_ids"] for r in read_jsonl(cfg.rankings_file, required=["question_id", "passage_ids"])}
+    missing = [q.question_id for q in split.queries if q.question_id not in ranked]
+    if missing:
+        raise InputError(cfg.rankings_file, "question_id", f"no ranking for query {missing[0]!r} (rerun the search step)")
+    _, top = exact_topk(queries, index.passages, 10, desc="exact MaxSim over the indexed corpus")
+    same_set = same_order = 0
+    for q, row in zip(split.queries, top):
+        exact = [index.ids[r] for r in row]
+        found = ranked[q.question_id][:10]
+        same_set += set(found) == set(exact)
+        same_order += found == exact
+    n = len(split.queries)
+    recall = recall_from_rankings([ranked[q.question_id] for q in split.queries], [q.positives for q in split.queries])
+    return {"top10_agreement": 100.0 * same_set / n, "top10_same_order": 100.0 * same_order / n, **recall}
+
+
+if __name__ == "__main__":
+    main()

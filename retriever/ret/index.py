@@ -1,0 +1,80 @@
+"""Index a passage corpus with a trained ReT: passage tokens into a faiss IVF-PQ index (retriever/ret/token_index.py).
+
+Reads a ReT folder (`checkpoint`, e.g. `runs/shapes/ret/ret/checkpoint-best`), the passages JSONL and the
+tower-token cache (or runs the towers when `cache_dir` is ''); writes `output_dir/` (index.faiss,
+passages.npy, ids.json, meta.json). An index already built from the same checkpoint and passages is kept.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from core.checkpoint import read_meta
+from core.config import parse_config
+from core.device import get_device
+from core.errors import InputError
+from core.io import read_json
+from retriever.ret.data import load_passages
+from retriever.ret.features import CachedSource, LiveSource
+from retriever.ret.model import STAGE, RetrieverModel
+from retriever.ret.retrieval import encode_items
+from retriever.ret.token_index import TokenIndex
+
+
+@dataclass
+class IndexConfig:
+    checkpoint: str = "runs/shapes/ret/ret/checkpoint-best"  # a ReT folder (RetrieverModel.from_pretrained)
+    passages_file: str = "data/shapes/m2kr/shapes_passages_{split}.jsonl"
+    image_root: str = "data/shapes"
+    split: str = "test"
+    cache_dir: str = "runs/shapes/ret/cache"  # '' = run the towers
+    output_dir: str = "runs/shapes/ret/index"
+    index_kind: str = "ivfpq"  # ivfpq | ivf | flat
+    nlist: int = 256
+    nprobe: int = 32
+    pq_m: int = 16  # PQ sub-quantizers (must divide 128)
+    pq_bits: int = 8
+    chunk_size: int = 4096  # passages added per chunk
+    batch_size: int = 256
+    overwrite: bool = False  # rebuild even if the index matches the checkpoint and passages
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    cfg = parse_config(IndexConfig, argv)
+    passages_file = cfg.passages_file.format(split=cfg.split)
+    passages = load_passages(passages_file, cfg.image_root)
+    meta = read_meta(cfg.checkpoint, STAGE)
+    built_from = {"checkpoint": str(Path(cfg.checkpoint).resolve()), "checkpoint_step": meta.get("step"),
+                  "checkpoint_mtime": (Path(cfg.checkpoint) / "model.pt").stat().st_mtime,
+                  "passages_file": str(Path(passages_file).resolve()), "index_kind": cfg.index_kind,
+                  "nlist_asked": cfg.nlist, "pq_m": cfg.pq_m}
+    out = Path(cfg.output_dir)
+    if not cfg.overwrite and _built_from(out) == built_from:
+        print(f"index {out} is up to date")
+        return out
+    device = get_device()
+    model = RetrieverModel.from_pretrained(cfg.checkpoint, device=device)
+    side = model.get_passage_model()
+    source = CachedSource(Path(cfg.cache_dir) / cfg.split) if cfg.cache_dir else LiveSource(model.towers, device)
+    started = time.time()
+    emb = encode_items(side, source, [(p.text, p.image) for p in passages], cfg.batch_size, desc="encoding passages")
+    encoded = time.time()
+    index = TokenIndex(emb.shape[2], cfg.index_kind, cfg.nlist, cfg.nprobe, cfg.pq_m, cfg.pq_bits)
+    index.build(emb, [p.passage_id for p in passages], chunk_size=cfg.chunk_size)
+    index.save(out, extra={"built_from": built_from, "encode_s": encoded - started, "build_s": time.time() - encoded})
+    print(f"indexed {len(passages)} passages ({len(passages) * emb.shape[1]} tokens) in {out}: "
+          f"encode {encoded - started:.1f}s, build {time.time() - encoded:.1f}s")
+    return out
+
+
+def _built_from(folder: Path) -> dict | None:
+    try:
+        return read_json(folder / "meta.json").get("built_from")
+    except InputError:
+        return None
+
+
+if __name__ == "__main__":
+    main()

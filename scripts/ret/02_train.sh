@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Train ReT and its ablations (text-only, image-only, single-layer) on the cached tower tokens.
+# Resumes each variant from its checkpoint-last; a finished variant is skipped.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+source scripts/common.sh
+
+VARIANTS=ret,text-only,image-only,single-layer
+EPOCHS=$(fast_or 4 4)
+MAX_STEPS=$(fast_or 0 0)
+BATCH_SIZE=$(fast_or 64 128)
+LR=2e-3
+
+"$PYTHON" -m retriever.ret.train --config configs/ret/shapes.yaml --encoder "$RUN_DIR/dense/checkpoint-best" \
+  --queries_file "$DATA_DIR/m2kr/shapes_{split}.jsonl" --passages_file "$DATA_DIR/m2kr/shapes_passages_{split}.jsonl" \
+  --image_root "$DATA_DIR" --cache_dir "$RUN_DIR/ret/cache" --output_dir "$RUN_DIR/ret" \
+  --variants "$VARIANTS" --epochs "$EPOCHS" --max_steps "$MAX_STEPS" --batch_size "$BATCH_SIZE" --lr "$LR" \
+  --seed "$SEED" --resume true "$@"

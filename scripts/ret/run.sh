@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# The ReT stage, step by step (needs the world's m2kr/ files and the dense stage's checkpoint-best).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+for step in 01_cache 02_train 03_index 04_search 05_evaluate; do bash "scripts/ret/$step.sh"; done

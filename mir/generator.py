@@ -1,0 +1,309 @@
+"""Text-to-image generators behind one interface: `generate(prompts, seeds) -> list[PIL.Image]`.
+
+- `ShapesGenerator`: a small diffusers `UNet2DConditionModel` trained in the project (mir.train_generator)
+  on the Shapes training split, cross-attending to the per-token states of the project's dense text
+  tower and sampled with DDIM and classifier-free guidance. Its folder holds `model.pt` (UNet weights),
+  `unet.json`, `scheduler/` and `text_encoder/` (a copy of the dense checkpoint), so it loads alone.
+- `DiffusersGenerator`: any diffusers text-to-image pipeline by hub name or local path (SD3.5, FLUX, ...).
+
+Every image is drawn from a `torch.Generator` seeded per item, so a (prompt, seed) pair always gives
+the same image whatever else is in the batch. `ImageCache` keeps generated PNGs under a hash of
+(generator, prompt, seed, steps, guidance, size).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from core.device import autocast, get_device
+from core.encoders import DualEncoder, load_dual_encoder
+from core.errors import InputError
+
+GENERATOR_FILE = "generator.json"
+STAGE = "mir-generator"
+
+# The UNet denoises 32 px images folded into 8×8 patches of 4×4 pixels (pixel-unshuffle: 48 channels), with two
+# coordinate channels added (plain convolutions cannot tell the top-left cell from the bottom-right one, and
+# every caption names cells). Cross-attention to the caption's tokens at 8×8 and 4×4, and the pooled caption
+# embedding added to the time embedding ("projection" class embedding), so every ResNet block sees the whole
+# sentence. On 2 CPU cores this is several times cheaper per step than a UNet over 32×32 pixels.
+SHAPES_UNET: dict[str, Any] = {
+    "resolution": 32,
+    "patch": 4,
+    "layers_per_block": 1,
+    "block_out_channels": [96, 192],
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "attention_head_dim": 8,
+    "norm_num_groups": 16,
+    "class_embed_type": "projection",
+}
+SHAPES_SCHEDULER: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_schedule": "squaredcos_cap_v2",
+    "prediction_type": "v_prediction",  # converges faster than epsilon on flat-colour images
+    "clip_sample": True,
+}
+
+
+class TextToImage(Protocol):
+    model_id: str
+    steps: int
+    guidance: float
+    size: int
+
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image]: ...
+
+
+class TextConditioner(torch.nn.Module):
+    """The dense text tower as a conditioner: projected per-token states, the pooled embedding and a padding mask."""
+
+    def __init__(self, encoder: DualEncoder):
+        super().__init__()
+        self.encoder = encoder
+
+    @property
+    def dim(self) -> int:
+        return self.encoder.embed_dim
+
+    def tokens(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.encoder.tokenize(list(texts))
+
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        clip = self.encoder.clip
+        x = clip.token_embedding(tokens) + clip.positional_embedding
+        x = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask))
+        proj = clip.text_projection
+        states = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+        pooled = self.encoder.encode_text(tokens, normalize=True)
+        mask = tokens != 0  # padding id of the CLIP tokenizer
+        return states, pooled, mask
+
+
+def token_count(encoder: DualEncoder, text: str) -> int:
+    """Tokens the text needs, start and end tokens included (before truncation to the context length)."""
+    tok = encoder.tokenizer
+    inner = getattr(tok, "tokenizer", None)  # open_clip's HFTokenizer wraps a transformers tokenizer
+    if hasattr(tok, "encode"):
+        return len(tok.encode(text)) + 2
+    if inner is not None:
+        return len(inner(text)["input_ids"])
+    raise InputError(None, "tokenizer", f"cannot count tokens with {type(tok).__name__}")
+
+
+def context_length(encoder: DualEncoder) -> int:
+    return int(getattr(encoder.tokenizer, "context_length", encoder.clip.positional_embedding.shape[0]))
+
+
+class PatchUNet(torch.nn.Module):
+    """A diffusers UNet2DConditionModel over pixel-unshuffled images plus coordinate channels (see SHAPES_UNET)."""
+
+    def __init__(self, resolution: int, patch: int, unet_kwargs: dict[str, Any]):
+        from diffusers import UNet2DConditionModel
+
+        super().__init__()
+        if resolution % patch:
+            raise InputError(None, "unet.patch", f"{patch} must divide the resolution {resolution}")
+        self.resolution, self.patch = resolution, patch
+        side = resolution // patch
+        channels = 3 * patch * patch
+        self.unet = UNet2DConditionModel(sample_size=side, in_channels=channels + 2, out_channels=channels, **unet_kwargs)
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, side), torch.linspace(-1, 1, side), indexing="ij")
+        self.register_buffer("coords", torch.stack([ys, xs])[None], persistent=False)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor, pooled: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+        z = torch.nn.functional.pixel_unshuffle(x, self.patch)
+        z = torch.cat([z, self.coords.expand(len(z), -1, -1, -1).to(z.dtype)], dim=1)
+        out = self.unet(z, t, encoder_hidden_states=states, class_labels=pooled, encoder_attention_mask=mask).sample
+        return torch.nn.functional.pixel_shuffle(out, self.patch)
+
+
+def build_unet(spec: dict[str, Any] | None, cond_dim: int) -> PatchUNet:
+    spec = copy.deepcopy(spec if spec is not None else SHAPES_UNET)
+    resolution, patch = int(spec.pop("resolution")), int(spec.pop("patch"))
+    spec.update(cross_attention_dim=cond_dim, projection_class_embeddings_input_dim=cond_dim)
+    return PatchUNet(resolution, patch, spec)
+
+
+def weights_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def noise_for(seeds: Sequence[int], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """One initial latent per seed from its own torch.Generator: an item's image never depends on its batch."""
+    out = []
+    for s in seeds:
+        g = torch.Generator(device="cpu").manual_seed(int(s))
+        out.append(torch.randn(shape, generator=g))
+    return torch.stack(out).to(device)
+
+
+class ShapesGenerator:
+    """The project's small text-conditioned diffusion model (see mir.train_generator)."""
+
+    def __init__(self, unet: torch.nn.Module, scheduler_config: dict[str, Any], conditioner: TextConditioner,
+                 model_id: str, steps: int = 20, guidance: float = 3.0, size: int = 64,
+                 device: torch.device | None = None, batch_size: int = 64):
+        from diffusers import DDIMScheduler
+
+        self.device = device or get_device()
+        self.unet = unet.to(self.device).eval()
+        self.conditioner = conditioner.to(self.device).eval()
+        self.scheduler = DDIMScheduler.from_config(scheduler_config)
+        self.model_id, self.steps, self.guidance, self.size = model_id, steps, guidance, size
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image]:
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        images: list[Image.Image] = []
+        for i in range(0, len(prompts), self.batch_size):
+            images += self._generate_batch(list(prompts[i:i + self.batch_size]), list(seeds[i:i + self.batch_size]))
+        return images
+
+    def _generate_batch(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
+        n = len(prompts)
+        cond = self.conditioner(self.conditioner.tokens(prompts + [""] * n).to(self.device))
+        res = self.unet.resolution
+        x = noise_for(seeds, (3, res, res), self.device)
+        self.scheduler.set_timesteps(self.steps)
+        for t in self.scheduler.timesteps:
+            out = self._predict(torch.cat([x, x]), t, cond)
+            guided = out[n:] + self.guidance * (out[:n] - out[n:])  # classifier-free guidance
+            x = self.scheduler.step(guided, t, x, eta=0.0).prev_sample
+        return to_pil(x, self.size)
+
+    def _predict(self, x: torch.Tensor, t: torch.Tensor, cond: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        states, pooled, mask = cond
+        with autocast(self.device):
+            return self.unet(x, t.expand(len(x)), states, pooled, mask).float()
+
+
+def to_pil(x: torch.Tensor, size: int) -> list[Image.Image]:
+    """[-1, 1] tensors → RGB images of `size` px (bicubic up-sampling from the model's resolution)."""
+    arr = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    out = []
+    for a in arr:
+        img = Image.fromarray(a, "RGB")
+        out.append(img if img.size[0] == size else img.resize((size, size), Image.BICUBIC))
+    return out
+
+
+class DiffusersGenerator:
+    """Any diffusers text-to-image pipeline (by hub name or local path), seeded per image."""
+
+    def __init__(self, name_or_path: str, steps: int = 28, guidance: float = 3.5, size: int = 512,
+                 device: torch.device | None = None, batch_size: int = 4, pipeline: Any = None):
+        from diffusers import AutoPipelineForText2Image
+
+        self.device = device or get_device()
+        # The dtype goes to from_pretrained, never torch.set_default_dtype: other models in the process stay fp32.
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.pipe = pipeline if pipeline is not None else AutoPipelineForText2Image.from_pretrained(name_or_path, torch_dtype=dtype)
+        self.pipe = self.pipe.to(self.device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.model_id, self.steps, self.guidance, self.size, self.batch_size = name_or_path, steps, guidance, size, batch_size
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image]:
+        images: list[Image.Image] = []
+        for i in range(0, len(prompts), self.batch_size):
+            batch, batch_seeds = list(prompts[i:i + self.batch_size]), seeds[i:i + self.batch_size]
+            gens = [torch.Generator(device=self.device).manual_seed(int(s)) for s in batch_seeds]
+            out = self.pipe(prompt=batch, generator=gens, num_inference_steps=self.steps,
+                            guidance_scale=self.guidance, height=self.size, width=self.size)
+            images += [img.convert("RGB") for img in out.images]
+        return images
+
+
+def is_shapes_generator(path: str | Path) -> bool:
+    return (Path(path) / GENERATOR_FILE).is_file()
+
+
+def load_generator(name_or_path: str | Path, steps: int, guidance: float, size: int,
+                   device: torch.device | None = None, batch_size: int = 64) -> TextToImage:
+    """A trained Shapes generator folder, or else a diffusers pipeline name/path."""
+    if is_shapes_generator(name_or_path):
+        return load_shapes_generator(name_or_path, steps, guidance, size, device, batch_size)
+    if Path(name_or_path).exists() and not (Path(name_or_path) / "model_index.json").is_file():
+        raise InputError(name_or_path, "generator", f"neither a Shapes generator ({GENERATOR_FILE}) nor a diffusers pipeline (model_index.json)")
+    return DiffusersGenerator(str(name_or_path), steps, guidance, size, device, batch_size)
+
+
+def load_shapes_generator(folder: str | Path, steps: int = 20, guidance: float = 3.0, size: int = 64,
+                          device: torch.device | None = None, batch_size: int = 64) -> ShapesGenerator:
+    from core.checkpoint import read_meta
+
+    folder = Path(folder)
+    read_meta(folder, stage=STAGE)
+    spec = json.loads((folder / GENERATOR_FILE).read_text())
+    encoder = load_dual_encoder(folder / "text_encoder")
+    unet = build_unet(spec["unet"], encoder.embed_dim)
+    unet.load_state_dict(torch.load(folder / "model.pt", map_location="cpu", weights_only=True))
+    model_id = f"shapes-unet:{weights_digest(folder / 'model.pt')}"
+    return ShapesGenerator(unet, spec["scheduler"], TextConditioner(encoder), model_id, steps, guidance, size,
+                           device, batch_size)
+
+
+def write_generator_files(folder: Path, unet_spec: dict[str, Any], scheduler_spec: dict[str, Any],
+                          encoder: DualEncoder) -> None:
+    """What a checkpoint folder needs besides model.pt to load as a generator on its own."""
+    json_text = json.dumps({"type": "shapes", "unet": unet_spec, "scheduler": scheduler_spec}, indent=2)
+    (folder / GENERATOR_FILE).write_text(json_text + "\n")
+    (folder / "text_encoder").mkdir(exist_ok=True)
+    encoder.save(folder / "text_encoder")
+
+
+def image_key(model_id: str, prompt: str, seed: int, steps: int, guidance: float, size: int) -> str:
+    payload = json.dumps([model_id, prompt, int(seed), int(steps), float(guidance), int(size)])
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+class ImageCache:
+    """Generated images on disk under a hash of everything that determines them; a hit skips generation."""
+
+    def __init__(self, folder: str | Path, generator: TextToImage):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.generator = generator
+
+    def key(self, prompt: str, seed: int) -> str:
+        g = self.generator
+        return image_key(g.model_id, prompt, seed, g.steps, g.guidance, g.size)
+
+    def path(self, key: str) -> Path:
+        return self.folder / f"{key}.png"
+
+    def get(self, prompts: Sequence[str], seeds: Sequence[int]) -> tuple[list[Image.Image], list[str], int]:
+        """Images for (prompt, seed) pairs, generating only the missing ones; returns (images, keys, n_generated)."""
+        keys = [self.key(p, s) for p, s in zip(prompts, seeds)]
+        todo = [i for i, k in enumerate(keys) if not self.path(k).is_file()]
+        if todo:
+            made = self.generator.generate([prompts[i] for i in todo], [seeds[i] for i in todo])
+            for i, img in zip(todo, made):
+                tmp = self.path(keys[i]).with_suffix(".tmp.png")
+                img.save(tmp, format="PNG")
+                tmp.replace(self.path(keys[i]))
+        images = []
+        for k in keys:
+            with Image.open(self.path(k)) as img:
+                images.append(img.convert("RGB"))
+        return images, keys, len(todo)
+
+
+def pixels_hash(img: Image.Image) -> str:
+    return hashlib.sha256(np.asarray(img.convert("RGB")).tobytes()).hexdigest()[:16]

@@ -1,0 +1,257 @@
+"""The multi-round mental-image-retrieval loop, one feedback mode per run.
+
+Every round r = 0..R, for every target: the system's current query → (a) text → image retrieval over the
+search space (the target's full rank is recorded; in the generative modes the generated image is also
+used as a query, image → image); (b) feedback is shown to the simulated user; (c) the user says what
+differs from their target; (d) the refiner rewrites the query. Modes (`--mode`):
+
+- `genir`: the generator renders the query; the user compares that image with the target.
+- `prediction`: the user compares the top-ranked image other than the target with the target (a target
+  ranked first has been found; its query stays as it is).
+- `text-only`: the system asks about one cell of the image; the user answers from the target's pixels.
+- `image-query`: ablation, the generated image of the *first* query is the query every round (a new seed
+  each round) and the user gives no feedback: an image as the query without the image as feedback.
+
+Reads the ChatIR-layout dialogues and search space, the dense checkpoint, the generator and the user's
+modification-text generator. Writes `output_dir/<mode>/records.jsonl` (one line per (target, round)),
+`dialogues.json` (the finished dialogues in ChatIR's layout), `run.json` (what the run depends on) and
+generated images under `output_dir/cache/images/` (named by the hash of what made them).
+A killed run resumes at the first unfinished (target, round).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+
+from core.config import config_to_dict, parse_config, save_config
+from core.device import derive_seed, get_device, seed_everything
+from core.errors import InputError
+from core.io import atomic_write_json, read_json
+from core.logging import progress
+from mir.chatir import ChatIRData, load_chatir
+from mir.generator import ImageCache, load_generator, pixels_hash
+from mir.records import RecordStore
+from mir.refiner import LLMRefiner, QueryState, ShapesRefiner, state_text
+from mir.retrieval import DenseSearcher
+from mir.user import load_user, next_question, question_text
+
+MODES = ("genir", "prediction", "text-only", "image-query")
+GENERATIVE = ("genir", "image-query")
+
+
+@dataclass
+class MIRConfig:
+    mode: str = "genir"  # genir | prediction | text-only | image-query
+    dialogues_json: str = "data/shapes/chatir/dialogues_test.json"
+    search_space_json: str = "data/shapes/chatir/search_space_test.json"
+    image_root: str = "data/shapes"  # the paths in both JSON files are relative to this folder
+    dense_checkpoint: str = "runs/shapes/dense/checkpoint-best"
+    generator: str = "runs/shapes/mir/generator/checkpoint-best"  # Shapes generator folder or a diffusers pipeline name/path
+    user: str = "runs/shapes/cir/mtst/checkpoint-best"  # modification-text generator folder, or instructblip:<name>
+    refiner: str = "shapes"  # "shapes" (the world's grammar) or a transformers causal LM name/path
+    output_dir: str = "runs/shapes/mir"
+    n_targets: int = 300  # the first n dialogues; every mode runs on the same ones
+    rounds: int = 10  # R: rounds 0..R are evaluated, feedback is given after rounds 0..R-1
+    gen_steps: int = 20
+    guidance: float = 3.0
+    gen_size: int = 64
+    user_max_new_tokens: int = 32
+    batch_size: int = 64
+    seed: int = 0
+
+
+@dataclass
+class Episode:
+    """One target's search: its id (the image path), image, and the system's state."""
+
+    target: str
+    image: Image.Image
+    first_query: str
+    state: Any
+    asked: list[tuple[int, int]]
+    dialog: list[str]
+
+
+class MIRRun:
+    def __init__(self, cfg: MIRConfig):
+        if cfg.mode not in MODES:
+            raise InputError("config", "mode", f"unknown mode {cfg.mode!r}; expected one of {MODES}")
+        if cfg.rounds < 0 or cfg.n_targets < 1:
+            raise InputError("config", "rounds/n_targets", "rounds must be >= 0 and n_targets >= 1")
+        self.cfg = cfg
+        self.data = load_chatir(cfg.dialogues_json, cfg.search_space_json, cfg.image_root)
+        if cfg.n_targets > len(self.data.dialogues):
+            raise InputError(cfg.dialogues_json, "n_targets", f"asked for {cfg.n_targets} targets, the file has {len(self.data.dialogues)}")
+        self.out = Path(cfg.output_dir) / cfg.mode
+        self.device = get_device()
+        self.searcher = DenseSearcher(cfg.dense_checkpoint, [self.data.path(p) for p in self.data.search_space],
+                                      self.data.search_space, Path(cfg.output_dir) / "cache", self.device)
+        self.generator = None
+        self.cache = None
+        if cfg.mode in GENERATIVE:
+            self.generator = load_generator(cfg.generator, cfg.gen_steps, cfg.guidance, cfg.gen_size, self.device, cfg.batch_size)
+            self.cache = ImageCache(Path(cfg.output_dir) / "cache" / "images", self.generator)
+        self.user = load_user(cfg.user, self.device, cfg.user_max_new_tokens) if cfg.mode in ("genir", "prediction", "text-only") else None
+        self.refiner = ShapesRefiner() if cfg.refiner == "shapes" else LLMRefiner(cfg.refiner)
+        self.store = RecordStore(self.out / "records.jsonl")
+
+    # ------------------------------------------------------------------ bookkeeping
+    def identity(self) -> dict[str, Any]:
+        """What the records depend on: a resumed run must match it exactly."""
+        c = self.cfg
+        return {
+            "mode": c.mode, "seed": c.seed, "targets": [d.img for d in self.data.dialogues[: c.n_targets]],
+            "retriever": self.searcher.model_id, "corpus": self.searcher.corpus_key(),
+            "generator": getattr(self.generator, "model_id", None), "gen_steps": c.gen_steps, "guidance": c.guidance,
+            "gen_size": c.gen_size, "user": getattr(self.user, "model_id", None), "refiner": self.refiner.model_id,
+        }
+
+    def check_identity(self) -> None:
+        path = self.out / "run.json"
+        ident = self.identity()
+        if path.is_file():
+            old = read_json(path)
+            for key, value in ident.items():
+                if key != "targets" and old.get(key) != value:
+                    raise InputError(path, key, f"the records in {self.out} were made with {old.get(key)!r}, this run "
+                                                f"uses {value!r}; use another output_dir or delete {self.out}")
+            if old["targets"][: len(ident["targets"])] != ident["targets"][: len(old["targets"])]:
+                raise InputError(path, "targets", "the stored records are for other targets")
+        atomic_write_json(path, {**ident, "rounds": self.cfg.rounds, "config": config_to_dict(self.cfg)})
+
+    def episodes(self) -> list[Episode]:
+        """Fresh episodes, or the state after each target's last recorded round."""
+        last = self.store.last()
+        out = []
+        for d in self.data.dialogues[: self.cfg.n_targets]:
+            with Image.open(self.data.path(d.img)) as img:
+                image = img.convert("RGB")
+            row = last.get(d.img)
+            if row is None:
+                out.append(Episode(d.img, image, d.dialog[0], self.refiner.start(d.dialog[0]), [], [d.dialog[0]]))
+                continue
+            state = QueryState.from_dict(row["next_state"]) if isinstance(self.refiner, ShapesRefiner) else row["next_state"]
+            asked = [tuple(c) for c in row.get("asked", [])]
+            out.append(Episode(d.img, image, d.dialog[0], state, asked, list(row["dialog"])))
+        return out
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> Path:
+        self.check_identity()
+        save_config(self.cfg, self.out / "config.yaml")
+        episodes = self.episodes()
+        start = min(self.store.next_round(e.target) for e in episodes)
+        for r in progress(range(start, self.cfg.rounds + 1), desc=f"mir {self.cfg.mode} rounds",
+                          initial=start, total=self.cfg.rounds + 1):
+            todo = [e for e in episodes if self.store.next_round(e.target) == r]
+            for i in range(0, len(todo), self.cfg.batch_size):
+                self.store.append(self.round(todo[i:i + self.cfg.batch_size], r))
+        self.write_dialogues(episodes)
+        return self.out
+
+    def round(self, eps: list[Episode], r: int) -> list[dict]:
+        cfg = self.cfg
+        t0 = time.time()
+        queries = [state_text(e.state) if cfg.mode != "image-query" else e.first_query for e in eps]
+        targets = [e.target for e in eps]
+        ranks, tops = self.searcher.rank_texts(queries, targets, topk=2)
+        t_retrieve = time.time() - t0
+        rows = [self._base_row(e, r, q, rank) for e, q, rank in zip(eps, queries, ranks)]
+
+        shown: list[Image.Image] = []
+        if cfg.mode in GENERATIVE:
+            t1 = time.time()
+            seeds = [derive_seed(cfg.seed, e.target, r, "generator") for e in eps]
+            shown, keys, n_new = self.cache.get(queries, seeds)
+            img_ranks, _ = self.searcher.rank_images(shown, targets)
+            t_gen = (time.time() - t1) / len(eps)
+            for row, seed, key, img, rank in zip(rows, seeds, keys, shown, img_ranks):
+                row.update(gen_seed=seed, gen_key=key, image=f"cache/images/{key}.png", image_hash=pixels_hash(img),
+                           rank_image=rank, seconds_generate=round(t_gen, 4), generated_now=n_new > 0)
+        feedback = [""] * len(eps)
+        if r < cfg.rounds and cfg.mode != "image-query":
+            t2 = time.time()
+            user_seed = derive_seed(cfg.seed, "user", r)
+            feedback = self._feedback(eps, rows, shown, tops, user_seed)
+            for row, e in zip(rows, eps):
+                row["user_seed"] = derive_seed(cfg.seed, e.target, r, "user")
+                row["user_batch_seed"] = user_seed
+            t_user = (time.time() - t2) / len(eps)
+            t3 = time.time()
+            for e, row, fb in zip(eps, rows, feedback):
+                e.state, missed = self.refiner.refine(e.state, fb)
+                row["feedback_unparsed"] = missed
+                if fb:
+                    e.dialog.append(row.get("question", "") + (" " if row.get("question") else "") + fb)
+            t_refine = (time.time() - t3) / len(eps)
+            for row in rows:
+                row.update(seconds_user=round(t_user, 4), seconds_refine=round(t_refine, 4))
+        for row, e, fb in zip(rows, eps, feedback):
+            row.update(feedback=fb, seconds_retrieve=round(t_retrieve / len(eps), 4),
+                       next_state=e.state.to_dict() if isinstance(e.state, QueryState) else e.state,
+                       asked=[list(c) for c in e.asked], dialog=list(e.dialog))
+        return rows
+
+    def _base_row(self, e: Episode, r: int, query: str, rank: int) -> dict:
+        return {"mode": self.cfg.mode, "target": e.target, "round": r, "query": query, "rank": rank,
+                "query_tokens_truncated": self.searcher.truncated(query), "seed": self.cfg.seed,
+                "retriever": self.searcher.model_id, "generator": getattr(self.generator, "model_id", None),
+                "user": getattr(self.user, "model_id", None), "refiner": self.refiner.model_id}
+
+    def _feedback(self, eps: list[Episode], rows: list[dict], shown: list[Image.Image], tops: list[list[str]],
+                  seed: int) -> list[str]:
+        mode = self.cfg.mode
+        targets = [e.image for e in eps]
+        if mode == "genir":
+            return self.user.compare(shown, targets, seed)
+        if mode == "prediction":
+            out = [""] * len(eps)
+            todo = []
+            for i, (e, row, top) in enumerate(zip(eps, rows, tops)):
+                if row["rank"] == 0:
+                    row["shown"] = None  # found: the episode has succeeded, nothing to compare
+                    continue
+                wrong = next(t for t in top if t != e.target)
+                row["shown"] = wrong
+                todo.append((i, wrong))
+            images = []
+            for _, wrong in todo:
+                with Image.open(self.data.path(wrong)) as img:
+                    images.append(img.convert("RGB"))
+            said = self.user.compare(images, [targets[i] for i, _ in todo], seed)
+            for (i, _), text in zip(todo, said):
+                out[i] = text
+            return out
+        cells = []
+        for e, row in zip(eps, rows):
+            known = [o.cell for o in e.state.objects if o.cell is not None] if isinstance(e.state, QueryState) else []
+            known += list(getattr(e.state, "empty_cells", []))
+            cell = next_question(known, e.asked)
+            e.asked.append(cell)
+            row["question"] = question_text(cell)
+            cells.append(cell)
+        return self.user.answer(cells, targets, seed)
+
+    def write_dialogues(self, episodes: Sequence[Episode]) -> None:
+        """The dialogues as ChatIR stores them, so `mir.evaluate_dialogues` can replay them."""
+        atomic_write_json(self.out / "dialogues.json", [{"img": e.target, "dialog": e.dialog} for e in episodes], indent=1)
+
+
+def main(argv: Sequence[str] | None = None, mode: str | None = None) -> Path:
+    cfg = parse_config(MIRConfig, argv)
+    if mode is not None:
+        cfg.mode = mode
+    seed_everything(cfg.seed)
+    torch.set_grad_enabled(False)
+    out = MIRRun(cfg).run()
+    print(f"mir {cfg.mode}: records in {out / 'records.jsonl'}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

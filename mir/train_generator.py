@@ -1,0 +1,248 @@
+"""Train the Shapes text-to-image generator: a diffusers UNet2DConditionModel on the training split's
+images (down-sampled to `resolution`), conditioned on the frozen dense text tower, then measure
+generated-image → real-image retrieval on the test split.
+
+Reads the Karpathy JSON, the images and `dense_checkpoint`; writes `output_dir/checkpoint-last/`
+(UNet, EMA, optimizer, step, RNG: a killed run resumes), `checkpoint-best/` (the EMA UNet, loadable by
+`mir.generator.load_generator`), `metrics.json` and `samples.png` (caption, generated, real).
+
+    python -m mir.train_generator --config configs/mir/generator_shapes.yaml --output_dir runs/shapes/mir/generator
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from core.checkpoint import BEST, LAST, read_meta, resume, save_checkpoint
+from core.config import parse_config, save_config
+from core.data import epoch_batches, load_karpathy
+from core.device import autocast, derive_seed, get_device, seed_everything
+from core.encoders import load_dual_encoder
+from core.logging import Tracker, progress, write_metrics
+from core.results import update_summary
+from mir.generator import (SHAPES_SCHEDULER, SHAPES_UNET, STAGE, TextConditioner, build_unet, load_shapes_generator,
+                           write_generator_files)
+
+
+@dataclass
+class TrainGeneratorConfig:
+    data_json: str = "data/shapes/dataset_shapes.json"
+    image_root: str = "data/shapes/images"
+    dense_checkpoint: str = "runs/shapes/dense/checkpoint-best"  # its text tower conditions the UNet
+    output_dir: str = "runs/shapes/mir/generator"
+    unet: dict = field(default_factory=lambda: copy.deepcopy(SHAPES_UNET))
+    scheduler: dict = field(default_factory=lambda: copy.deepcopy(SHAPES_SCHEDULER))
+    batch_size: int = 64
+    steps: int = 1500
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    ema_decay: float = 0.995  # EMA weights are the ones sampled from: much cleaner images this early in training
+    cond_drop: float = 0.1  # share of captions replaced by "" so classifier-free guidance has an unconditional model
+    save_every: int = 250
+    eval_split: str = "test"
+    eval_images: int = 300  # test images whose first caption is generated and searched for among all test images
+    sample_steps: int = 20  # DDIM steps at evaluation
+    guidance: float = 3.0
+    image_size: int = 64  # generated images are up-sampled to the dense encoder's input size
+    sample_every: int = 0  # write a sheet of EMA samples every this many steps (0: only at the end)
+    seed: int = 0
+    resume: bool = True
+    summary: str = ""  # results.json to add the row mir/generator to (empty: none)
+    wandb_project: str = "genretrieval"
+
+
+class UNetWithEMA(torch.nn.Module):
+    """The trained UNet and its exponential moving average, saved and resumed together."""
+
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+        self.ema = copy.deepcopy(unet).requires_grad_(False)
+
+    @torch.no_grad()
+    def update_ema(self, decay: float) -> None:
+        for e, p in zip(self.ema.parameters(), self.unet.parameters()):
+            e.lerp_(p, 1.0 - decay)
+
+
+def load_train_pixels(cfg: TrainGeneratorConfig, resolution: int) -> tuple[torch.Tensor, list[tuple[str, ...]]]:
+    """Training images as [-1, 1] tensors at the UNet's resolution (box filter: clean down-sampling)."""
+    records = load_karpathy(cfg.data_json, cfg.image_root, "train")
+    pixels = []
+    for r in progress(records, desc="loading train images"):
+        with Image.open(r.path) as img:
+            small = img.convert("RGB").resize((resolution, resolution), Image.BOX)
+        pixels.append(torch.from_numpy(np.asarray(small).copy()).permute(2, 0, 1))
+    return torch.stack(pixels).float() / 127.5 - 1.0, [r.captions for r in records]
+
+
+def diffusion_loss(model: UNetWithEMA, noise_scheduler: Any, conditioner: TextConditioner, x0: torch.Tensor,
+                   captions: list[str], gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Eq. 14 of Ho et al. 2020 (simple loss) with the v-target of Salimans & Ho 2022: ||v_θ(x_t, t, c) − v||²."""
+    n = len(x0)
+    noise = torch.randn(x0.shape, generator=gen).to(device)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), generator=gen).to(device)
+    xt = noise_scheduler.add_noise(x0, noise, t)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(x0, noise, t)
+    else:
+        target = noise
+    states, pooled, mask = conditioner(conditioner.tokens(captions).to(device))
+    with autocast(device):
+        pred = model.unet(xt, t, states, pooled, mask)
+    return torch.nn.functional.mse_loss(pred.float(), target)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, float]:
+    from diffusers import DDPMScheduler
+
+    cfg = parse_config(TrainGeneratorConfig, argv)
+    read_meta(cfg.dense_checkpoint, stage="dense")
+    out = Path(cfg.output_dir)
+    best = out / BEST
+    if (best / "meta.json").is_file() and read_meta(best, STAGE).get("step") == cfg.steps and (out / "metrics.json").is_file():
+        print(f"generator already trained for {cfg.steps} steps: {best}")
+        return _read_metrics(out)
+    seed_everything(cfg.seed)
+    device = get_device()
+    encoder = load_dual_encoder(cfg.dense_checkpoint)
+    conditioner = TextConditioner(encoder).to(device).eval().requires_grad_(False)
+    model = UNetWithEMA(build_unet(cfg.unet, conditioner.dim)).to(device)
+    resolution = model.unet.resolution
+    pixels, captions = load_train_pixels(cfg, resolution)
+    noise_scheduler = DDPMScheduler(**cfg.scheduler)
+    opt = torch.optim.AdamW(model.unet.parameters(), lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    step = 0
+    if cfg.resume and (out / LAST / "training_state.pt").is_file():
+        step, _ = resume(out / LAST, stage=STAGE, model=model, optimizer=opt, scheduler=sched)
+        print(f"resumed generator training at step {step}")
+    save_config(cfg, out / "config.yaml")
+    tracker = Tracker(out, cfg, project=cfg.wandb_project, name=f"mir-generator-{out.parent.parent.name}")
+    n_batches = max(1, len(pixels) // cfg.batch_size)
+    model.unet.train()
+    t0 = time.time()
+    bar = progress(range(step, cfg.steps), desc="training generator", initial=step, total=cfg.steps)
+    for step in bar:
+        # Batch, captions, noise and timesteps all come from (seed, step): a resumed run replays the same steps.
+        idx = epoch_batches(len(pixels), cfg.batch_size, cfg.seed, step // n_batches)[step % n_batches]
+        rng = np.random.default_rng(derive_seed(cfg.seed, "captions", step))
+        texts = ["" if rng.random() < cfg.cond_drop else captions[i][rng.integers(len(captions[i]))] for i in idx]
+        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "noise", step))
+        loss = diffusion_loss(model, noise_scheduler, conditioner, pixels[idx].to(device), texts, gen, device)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        model.update_ema(min(cfg.ema_decay, (1 + step) / (10 + step)))
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        tracker.log({"train/loss": loss.item()}, step=step)
+        done = step + 1
+        if done % cfg.save_every == 0 or done == cfg.steps:
+            save_checkpoint(out / LAST, stage=STAGE, model=model, step=done, optimizer=opt, scheduler=sched, config=cfg)
+        if cfg.sample_every and done % cfg.sample_every == 0:
+            _progress_samples(cfg, model, conditioner, out / f"samples_step{done:05d}.png", device)
+            model.unet.train()
+    train_s = time.time() - t0
+    files = lambda tmp: write_generator_files(tmp, cfg.unet, cfg.scheduler, encoder)  # noqa: E731
+    save_checkpoint(best, stage=STAGE, model=model.ema, step=cfg.steps, config=cfg, model_files=files)
+    metrics = evaluate_generator(cfg, best, encoder, device)
+    metrics["train_seconds_this_run"] = round(train_s, 1)
+    write_metrics(out, metrics)
+    tracker.log({f"eval/{k}": v for k, v in metrics.items()})
+    tracker.finish()
+    print(f"generator: gen→real R@1/5/10 = {metrics['R@1']:.1f}/{metrics['R@5']:.1f}/{metrics['R@10']:.1f} "
+          f"(chance R@10 = {metrics['chance R@10']:.1f}) over {metrics['N']} test captions")
+    if cfg.summary:
+        update_summary(cfg.summary, "mir", {"generator (gen→real)": metrics})
+    return metrics
+
+
+@torch.no_grad()
+def evaluate_generator(cfg: TrainGeneratorConfig, folder: Path, encoder: Any, device: torch.device) -> dict[str, float]:
+    """Generate each eval image's first caption and rank all eval-split images by the dense image tower."""
+    records = load_karpathy(cfg.data_json, cfg.image_root, cfg.eval_split)
+    queries = records[: cfg.eval_images]
+    generator = load_shapes_generator(folder, cfg.sample_steps, cfg.guidance, cfg.image_size, device)
+    seeds = [derive_seed(cfg.seed, "eval", r.imgid) for r in queries]
+    fakes = generator.generate([r.captions[0] for r in queries], seeds)
+    encoder = encoder.to(device).eval()
+    real = _encode_images(encoder, [Image.open(r.path).convert("RGB") for r in records], device)
+    fake = _encode_images(encoder, fakes, device)
+    sim = fake @ real.T
+    target = sim[np.arange(len(queries)), np.arange(len(queries))]
+    rank = (sim > target[:, None]).sum(1)
+    metrics = {f"R@{k}": float(100 * np.mean(rank < k)) for k in (1, 5, 10)}
+    metrics.update({"chance R@10": 100 * min(10, len(records)) / len(records), "N": len(queries),
+                    "corpus": len(records), "mean log rank": float(np.mean(np.log1p(rank)))})
+    save_sample_sheet(folder.parent / "samples.png", [r.captions[0] for r in queries[:12]], fakes[:12],
+                      [Image.open(r.path).convert("RGB") for r in queries[:12]])
+    return metrics
+
+
+@torch.no_grad()
+def _progress_samples(cfg: TrainGeneratorConfig, model: UNetWithEMA, conditioner: TextConditioner, path: Path,
+                      device: torch.device) -> None:
+    """Samples of the current EMA weights for the first eval captions, to watch training."""
+    from mir.generator import ShapesGenerator
+
+    records = load_karpathy(cfg.data_json, cfg.image_root, cfg.eval_split)[:12]
+    gen = ShapesGenerator(model.ema, cfg.scheduler, conditioner, "ema", cfg.sample_steps, cfg.guidance, cfg.image_size, device)
+    fakes = gen.generate([r.captions[0] for r in records], [derive_seed(cfg.seed, "eval", r.imgid) for r in records])
+    save_sample_sheet(path, [r.captions[0] for r in records], fakes, [Image.open(r.path).convert("RGB") for r in records])
+
+
+def _encode_images(encoder: Any, images: list[Image.Image], device: torch.device, batch: int = 256) -> np.ndarray:
+    out = []
+    for i in range(0, len(images), batch):
+        px = torch.stack([encoder.preprocess(im) for im in images[i:i + batch]]).to(device)
+        with autocast(device):
+            out.append(encoder.encode_image(px).float().cpu())
+    return torch.cat(out).numpy()
+
+
+def save_sample_sheet(path: Path, captions: list[str], fakes: list[Image.Image], reals: list[Image.Image]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(captions)
+    fig, axes = plt.subplots(2, n, figsize=(1.6 * n, 3.8), squeeze=False)
+    for j in range(n):
+        for i, (img, label) in enumerate(((fakes[j], "generated"), (reals[j], "real"))):
+            axes[i][j].imshow(img)
+            axes[i][j].set_xticks([])
+            axes[i][j].set_yticks([])
+            if j == 0:
+                axes[i][j].set_ylabel(label)
+        axes[0][j].set_title(_wrap(captions[j]), fontsize=5)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=130)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def _wrap(text: str, width: int = 24) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width))
+
+
+def _read_metrics(out: Path) -> dict[str, float]:
+    import json
+
+    return json.loads((out / "metrics.json").read_text())
+
+
+if __name__ == "__main__":
+    main()

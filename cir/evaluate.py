@@ -37,6 +37,7 @@ class EvalConfig:
     submission_row: str = "pretrain+ptha"  # whose CIRR test-server files to write ("" = none)
     summary: str = ""  # results.json of the main job ("" = do not write)
     stage: str = "cir"
+    threads: int = 1  # torch CPU threads; 1 avoids OpenMP spin-waits on a shared, loaded CPU (0 = torch default)
 
 
 @torch.no_grad()
@@ -61,6 +62,8 @@ def evaluate_model(model: ComposedRetriever, split: CIRSplit, bank: TokenBank) -
 
 def main(argv: Sequence[str] | None = None) -> dict:
     cfg = parse_config(EvalConfig, argv)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     if not cfg.rows:
         raise InputError("command line", "rows", "name at least one row: --rows '{\"row\": \"folder\"}'")
     for row, folder in cfg.rows.items():

@@ -41,11 +41,14 @@ class SynthConfig:
     num_beams: int = 1
     batch_size: int = 256
     seed: int = 0
+    threads: int = 1  # torch CPU threads; 1 avoids OpenMP spin-waits on a shared, loaded CPU (0 = torch default)
     overwrite: bool = False
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     cfg = parse_config(SynthConfig, argv)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     out = Path(cfg.output_dir)
     gen = load_modification_generator(cfg.generator)
     manifest_path = out / "synthetic.json"

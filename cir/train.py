@@ -60,6 +60,7 @@ class TrainConfig:
     warmup_steps: int = 20
     max_triplets: int = 0  # use only the first N training triplets (0 = all)
     seed: int = 0
+    threads: int = 1  # torch CPU threads; 1 avoids OpenMP spin-waits on a shared, loaded CPU (0 = torch default)
     resume: bool = True
     overwrite: bool = False
 
@@ -70,6 +71,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 def run(cfg: TrainConfig) -> dict:
     """Train one retriever as `cfg` says (or return the metrics of the finished run in cfg.output_dir)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     if cfg.objective not in OBJECTIVES:
         raise InputError("config", "objective", f"must be one of {OBJECTIVES}, got {cfg.objective!r}")
     out = Path(cfg.output_dir)

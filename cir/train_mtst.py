@@ -45,6 +45,7 @@ class MTSTConfig:
     cache_dir: str = ""  # image-token cache; default {output_dir}/../features
     num_query_tokens: int = 16
     freeze_language_model: bool = True  # the paper trains only the Q-Former side
+    difference_tokens: bool = True  # Shapes: the Q-Former also reads target − reference patch tokens
     lm_steps: int = 400  # Shapes: language pretraining steps of the tiny LM (text only)
     lm_batch_size: int = 64
     lm_lr: float = 3e-3
@@ -59,11 +60,14 @@ class MTSTConfig:
     max_new_tokens: int = 32
     num_beams: int = 1
     seed: int = 0
+    threads: int = 1  # torch CPU threads; 1 avoids OpenMP spin-waits on a shared, loaded CPU (0 = torch default)
     overwrite: bool = False  # retrain even if output_dir holds a finished run
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     cfg = parse_config(MTSTConfig, argv)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     out = Path(cfg.output_dir)
     if (out / "metrics.json").is_file() and (out / BEST / "meta.json").is_file() and not cfg.overwrite:
         print(f"[mtst] {out} is finished; reusing it (--overwrite true to retrain)")
@@ -104,7 +108,8 @@ def _build(cfg: MTSTConfig, train: CIRSplit) -> ModificationTextGenerator:
         return load_pretrained_instructblip(cfg.pretrained)
     texts = [t.caption for t in train.triplets] + _captions(cfg)
     return build_shapes_generator(cfg.dense_checkpoint, texts, cfg.num_query_tokens,
-                                  freeze_language_model=cfg.freeze_language_model)
+                                  freeze_language_model=cfg.freeze_language_model,
+                                  difference_tokens=cfg.difference_tokens)
 
 
 def _captions(cfg: MTSTConfig) -> list[str]:

@@ -163,8 +163,10 @@ class ModificationTextGenerator(nn.Module):
         self.qformer = qformer
         self.language_model = language_model
         self.query_tokens = nn.Parameter(torch.randn(1, num_query_tokens, hidden) * 0.02)
-        # Marks each patch token as the reference's (0) or the target's (1): the Q-Former sees both sets at once.
-        self.segment = nn.Parameter(torch.zeros(2, image_encoder.hidden_size))
+        # Marks each patch token as the reference's (0), the target's (1) or, with `difference_tokens`, their
+        # difference (2): the Q-Former sees all sets at once. Difference tokens (target − reference, patch by patch)
+        # let a tiny Q-Former find what changed between two near-duplicates without learning to compare sets.
+        self.segment = nn.Parameter(torch.zeros(3, image_encoder.hidden_size))
         self.language_projection = nn.Linear(hidden, language_model.config.hidden_size)
         self.qformer_tokenizer, self.lm_tokenizer = qformer_tokenizer, lm_tokenizer
         self.instruction = instruction
@@ -190,7 +192,10 @@ class ModificationTextGenerator(nn.Module):
     def prefix(self, ref_tokens: torch.Tensor, tgt_tokens: torch.Tensor) -> torch.Tensor:
         """LM input embeddings [B, Q + len(instruction), H]: projected Q-Former queries, then the instruction."""
         b = ref_tokens.shape[0]
-        pair = torch.cat([ref_tokens + self.segment[0], tgt_tokens + self.segment[1]], dim=1)
+        parts = [ref_tokens + self.segment[0], tgt_tokens + self.segment[1]]
+        if self.spec.get("difference_tokens", False):
+            parts.append(tgt_tokens - ref_tokens + self.segment[2])
+        pair = torch.cat(parts, dim=1)
         q_ids = self._instruction_ids(self.qformer_tokenizer, b)
         queries = self.query_tokens.expand(b, -1, -1)
         mask = torch.ones(b, queries.shape[1] + q_ids.shape[1], dtype=torch.long, device=self.device)
@@ -284,7 +289,7 @@ def checkpoint_id(folder: str | Path) -> str:
 # ----------------------------------------------------------------------------------------------- builders
 def build_shapes_generator(dense_folder: str | Path, texts: Sequence[str], num_query_tokens: int = 16,
                            qformer: dict[str, Any] | None = None, language_model: dict[str, Any] | None = None,
-                           freeze_language_model: bool = True) -> ModificationTextGenerator:
+                           freeze_language_model: bool = True, difference_tokens: bool = True) -> ModificationTextGenerator:
     """A tiny generator for the Shapes world: the dense image tower (frozen), a word tokenizer over `texts` shared by
     the Q-Former and the LM, a 2-layer Q-Former and a 2-layer Llama-architecture LM (to be trained on text first)."""
     from transformers import AutoConfig, AutoModelForCausalLM, InstructBlipQFormerConfig, InstructBlipQFormerModel
@@ -297,7 +302,7 @@ def build_shapes_generator(dense_folder: str | Path, texts: Sequence[str], num_q
     lm_cfg = AutoConfig.for_model(lm_spec.pop("model_type"), **lm_spec, vocab_size=len(tokenizer),
                                   pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                                   eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
-    spec = {"kind": "shapes", "freeze_language_model": freeze_language_model}
+    spec = {"kind": "shapes", "freeze_language_model": freeze_language_model, "difference_tokens": difference_tokens}
     return ModificationTextGenerator(image, InstructBlipQFormerModel(q_cfg), AutoModelForCausalLM.from_config(lm_cfg),
                                      tokenizer, tokenizer, num_query_tokens, INSTRUCTION, spec)
 

@@ -27,11 +27,11 @@ from core.shapes.render import render
 from core.shapes.world import Scene, SceneRecord, sample_scene, scene_key
 
 NAME = "cirr"
-VERSION = 1  # bump when the triplets or images change
+VERSION = 2  # bump when the triplets or images change
 FOLDER = "cirr"
 SET_SIZE = 6  # CIRR's subsets: the reference and five near-duplicate candidates
 ANNOTATED_SET_SHARE = 0.3  # training sets with human-style text; the rest are unannotated image groups
-TRIPLETS_PER_SET = {"train": 2, "val": 3, "test": 3}
+TRIPLETS_PER_SET = {"train": 4, "val": 3, "test": 3}
 COMBINE = ("{a} and {b}", "{a}, then {b}", "{a} and also {b}", "{a}; {b}")
 
 

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Iterative CIR rounds 1..NUM_ITERATIONS from the CIR stage's best retriever (round 0), with its MTST generator as
+# the foundation model -> $RUN_DIR/cir-iterative/. Rerunning continues a killed run (--auto_resume: every round
+# whose manifest matches is reused).
+set -euo pipefail
+cd "$(dirname "$0")/../../.."
+source scripts/common.sh
+
+NUM_ITERATIONS=3
+HARD_NEGATIVE_K=5
+EPOCHS_PER_ROUND=$(fast_or 2 3)
+MAX_AUGMENT_PER_ROUND=$(fast_or 64 0)   # 0 = every mined pair
+LEARNING_RATE=1e-4
+MODEL_PATH="$(cat "$RUN_DIR/cir/best_model.txt")"
+FOUNDATION_MODEL_PATH="$RUN_DIR/cir/mtst/checkpoint-best"
+
+"$PYTHON" -m cir.iterative.train_iterative --config configs/cir_iterative/shapes.yaml \
+  --data_dir "$DATA_DIR/cirr" --model_path "$MODEL_PATH" \
+  --foundation_model_backbone mtst --foundation_model_path "$FOUNDATION_MODEL_PATH" \
+  --experiment_dir "$RUN_DIR/cir-iterative" --num_iterations "$NUM_ITERATIONS" --hard_negative_k "$HARD_NEGATIVE_K" \
+  --epochs_per_round "$EPOCHS_PER_ROUND" --max_augment_per_round "$MAX_AUGMENT_PER_ROUND" \
+  --learning_rate "$LEARNING_RATE" --seed "$SEED" --auto_resume true "$@"

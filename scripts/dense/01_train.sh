@@ -5,8 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/common.sh
 
-EPOCHS=$(fast_or 2 8)
-BATCH_SIZE=128
+EPOCHS=$(fast_or 10 8)
+BATCH_SIZE=$(fast_or 64 128)
 LR=1e-3
 NPROC="${NPROC:-1}"
 

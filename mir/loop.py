@@ -33,7 +33,7 @@ from core.device import derive_seed, get_device, seed_everything
 from core.errors import InputError
 from core.io import atomic_write_json, read_json
 from core.logging import progress
-from mir.chatir import ChatIRData, load_chatir
+from mir.chatir import load_chatir
 from mir.generator import ImageCache, load_generator, pixels_hash
 from mir.records import RecordStore
 from mir.refiner import LLMRefiner, QueryState, ShapesRefiner, state_text
@@ -63,6 +63,7 @@ class MIRConfig:
     user_max_new_tokens: int = 32
     batch_size: int = 64
     seed: int = 0
+    threads: int = 1  # torch CPU threads (0: torch's default); 1 is fastest on a shared 2-core CPU
 
 
 @dataclass
@@ -247,6 +248,8 @@ def main(argv: Sequence[str] | None = None, mode: str | None = None) -> Path:
     if mode is not None:
         cfg.mode = mode
     seed_everything(cfg.seed)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
     torch.set_grad_enabled(False)
     out = MIRRun(cfg).run()
     print(f"mir {cfg.mode}: records in {out / 'records.jsonl'}")

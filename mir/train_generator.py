@@ -53,6 +53,7 @@ class TrainGeneratorConfig:
     image_size: int = 64  # generated images are up-sampled to the dense encoder's input size
     sample_every: int = 0  # write a sheet of EMA samples every this many steps (0: only at the end)
     seed: int = 0
+    threads: int = 1  # torch CPU threads (0: torch's default); 1 is fastest on a shared 2-core CPU
     resume: bool = True
     summary: str = ""  # results.json to add the row mir/generator to (empty: none)
     wandb_project: str = "genretrieval"
@@ -111,6 +112,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         print(f"generator already trained for {cfg.steps} steps: {best}")
         return _read_metrics(out)
     seed_everything(cfg.seed)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
     device = get_device()
     encoder = load_dual_encoder(cfg.dense_checkpoint)
     conditioner = TextConditioner(encoder).to(device).eval().requires_grad_(False)

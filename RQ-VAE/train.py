@@ -142,10 +142,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
             # restarts stop before the end so the last codes settle
             model.quantizer.restart_dead_codes(model.encoder(x_train.to(device)).detach(), cfg.restart_threshold, gen)
         bar.update(1)
-        bar.set_postfix(loss=f"{float(loss):.4f}")
+        bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % steps_per_epoch == 0 and (epoch % 10 == 9 or step == total):
             val = reconstruction_error(model, x_val.to(device))
-            tracker.log({"train/loss": float(loss), **{f"train/{k}": v for k, v in parts.items()},
+            tracker.log({"train/loss": loss.item(), **{f"train/{k}": v for k, v in parts.items()},
                          "val/mse": val["mse"], "val/cosine": val["cosine"]}, step=step)
             if best.update(-val["mse"]):
                 save_checkpoint(out / BEST, stage=STAGE, model=model, step=step, config=cfg,

@@ -214,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         scheduler.step()
         step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{float(loss):.3f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}")
         end_of_epoch = step % steps_per_epoch == 0
         if end_of_epoch and ((epoch + 1) % cfg.eval_every == 0 or step == total):
             recall = validate(cfg, model, tokenizer, vocab, val, ids, trie, device)
@@ -227,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
                                 extra={"val": recall, "val_mean_recall": score, "train_stage": cfg.stage}, model_files=files)
             save_checkpoint(out / LAST, stage=STAGE, model=model, step=step, optimizer=optimizer, scheduler=scheduler,
                             config=cfg, extra={"best": best.best, "train_stage": cfg.stage}, model_files=files)
-            print(f"[{cfg.stage}] epoch {epoch + 1}: loss {float(loss):.3f} val {recall}")
+            print(f"[{cfg.stage}] epoch {epoch + 1}: loss {loss.item():.3f} val {recall}")
     bar.close()
     meta = read_meta(out / BEST, STAGE)
     atomic_write_json(out / BEST / "meta.json", {**meta, "done": True})

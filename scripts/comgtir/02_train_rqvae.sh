@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Train the RQ-VAE tokenizer on the dense image embeddings (selected on validation reconstruction).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+source scripts/common.sh
+
+EPOCHS=$(fast_or 40 100)
+BATCH_SIZE=$(fast_or 128 512)
+
+"$PYTHON" -m rqvae.train --config configs/comgtir/shapes/rqvae.yaml \
+  --emb_dir "$RUN_DIR/dense/emb" --output_dir "$RUN_DIR/comgtir/rqvae" \
+  --epochs "$EPOCHS" --batch_size "$BATCH_SIZE" --seed "$SEED" "$@"

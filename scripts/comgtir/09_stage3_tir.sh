@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Stage 3b: train ComGTIR-D, both identifiers jointly, from the merged model (best by validation recall).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+source scripts/common.sh
+
+EPOCHS=$(fast_or 2 3)
+BATCH_SIZE=256
+LR=1e-3
+SET_WEIGHT=1.0
+GUIDANCE=1.0
+
+"$PYTHON" -m retriever.generative.train --config configs/comgtir/shapes/retriever.yaml --stage unified \
+  --init "$RUN_DIR/comgtir/stage3_merged" \
+  --data_dir "$RUN_DIR/comgtir/data" --codes "$RUN_DIR/comgtir/codes.json" \
+  --output_dir "$RUN_DIR/comgtir/stage3_unified" --epochs "$EPOCHS" --batch_size "$BATCH_SIZE" --lr "$LR" \
+  --set_weight "$SET_WEIGHT" --guidance "$GUIDANCE" --seed "$SEED" "$@"

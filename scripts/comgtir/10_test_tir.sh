@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Stage 4: Recall@1/5/10 on the test split (the dense stage's queries and gallery): stage 1 alone (row seq-id)
+# and ComGTIR-D with set-guided decoding (row dual-id). Writes the candidate lists the re-rankers read.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+source scripts/common.sh
+
+NUM_BEAMS=20
+GUIDANCE=1.0
+
+"$PYTHON" -m retriever.generative.evaluate --config configs/comgtir/shapes/evaluate.yaml \
+  --checkpoint "$RUN_DIR/comgtir/stage1_seqid/checkpoint-best" --guidance 0 \
+  --codes "$RUN_DIR/comgtir/codes.json" --emb_dir "$RUN_DIR/dense/emb" --num_beams "$NUM_BEAMS" \
+  --output_dir "$RUN_DIR/comgtir/eval/seq-id" --summary "$RUN_DIR/results.json" --summary_row comgtir/seq-id "$@"

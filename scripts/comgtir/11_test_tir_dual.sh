@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Stage 4: ComGTIR-D (unified model, beam search guided by the set identifier) → row dual-id.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+source scripts/common.sh
+
+NUM_BEAMS=20
+GUIDANCE=1.0
+
+"$PYTHON" -m retriever.generative.evaluate --config configs/comgtir/shapes/evaluate.yaml \
+  --checkpoint "$RUN_DIR/comgtir/stage3_unified/checkpoint-best" --guidance "$GUIDANCE" \
+  --codes "$RUN_DIR/comgtir/codes.json" --emb_dir "$RUN_DIR/dense/emb" --num_beams "$NUM_BEAMS" \
+  --output_dir "$RUN_DIR/comgtir/eval/dual-id" --summary "$RUN_DIR/results.json" --summary_row comgtir/dual-id "$@"

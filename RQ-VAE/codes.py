@@ -25,6 +25,30 @@ def collision_rate(codes: np.ndarray) -> float:
     return float(100.0 * np.mean(counts[inverse.reshape(-1)] > 1))
 
 
+def reassign_collisions(codes: np.ndarray, last_dist: np.ndarray, order_key: Sequence[float]) -> np.ndarray:
+    """Move colliding images to their next-nearest free code at the last level (a greedy form of the
+    Sinkhorn-style reassignment of colliding groups): the image closest to the group's code keeps it, each other
+    image takes the nearest last-level code whose identifier is still free. Codes stay semantic; the suffix
+    (disambiguate) is then only needed where a prefix has run out of free codes.
+
+    last_dist [n, K]: distance of each image's last-level residual to each last-level code.
+    """
+    codes = codes.copy()
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for row, c in enumerate(map(tuple, codes.tolist())):
+        groups[c].append(row)
+    used = set(groups)
+    for rows in groups.values():
+        for r in sorted(rows, key=lambda r: (order_key[r], r))[1:]:
+            prefix = tuple(codes[r, :-1].tolist())
+            for c in np.argsort(last_dist[r], kind="stable"):
+                if prefix + (int(c),) not in used:
+                    codes[r, -1] = int(c)
+                    used.add(prefix + (int(c),))
+                    break
+    return codes
+
+
 def disambiguate(codes: np.ndarray, order_key: Sequence[float] | None = None) -> np.ndarray:
     """Append a suffix column that numbers rows sharing the same codes, so every identifier is unique.
 

@@ -17,7 +17,7 @@ from core.config import parse_config
 from core.io import atomic_write_json, load_embeddings
 from core.logging import format_table
 from core.results import update_summary
-from rqvae.codes import build_codes, collision_rate, usage_stats, write_codes
+from rqvae.codes import build_codes, collision_rate, reassign_collisions, usage_stats, write_codes
 from rqvae.train import load_rqvae, reconstruction_error
 
 
@@ -27,10 +27,22 @@ class GenerateCodesConfig:
     emb_dir: str = "runs/shapes/dense/emb"
     splits: list[str] = field(default_factory=lambda: ["train", "val", "test"])
     output: str = "runs/shapes/comgtir/codes.json"
+    reassign: bool = True  # move colliding images to their next-nearest free last-level code before suffixing
     report_split: str = "test"  # split whose reconstruction error is reported
     summary: str = ""  # main job's results.json ("" = none)
     summary_row: str = "comgtir/rqvae"
     seed: int = 0
+
+
+@torch.no_grad()
+def last_level_distances(model, x: torch.Tensor) -> np.ndarray:
+    """[n, K]: distance of each embedding's last-level residual to every code of the last level."""
+    q = model.quantizer
+    residual = model.encoder(x)
+    codes = q.encode(residual)
+    for level in range(q.levels - 1):
+        residual = residual - q.book(level)[codes[:, level]]
+    return torch.cdist(residual, q.book(q.levels - 1)).numpy()
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -45,6 +57,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     with torch.no_grad():
         dist = (model.reconstruct(x) - x).pow(2).sum(-1).numpy()
     spec = model.spec
+    raw_codes = codes
+    if cfg.reassign:
+        codes = reassign_collisions(codes, last_level_distances(model, x), order_key=dist)
     doc = build_codes(ids, splits, codes, spec.codebook_size, spec.shared_codebook, order_key=dist)
     write_codes(cfg.output, doc)
 
@@ -57,7 +72,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "reconstruction_cosine": recon["cosine"],
         "usage": stats["usage"],
         "entropy": stats["entropy"],
-        "collision_rate_before": collision_rate(codes),
+        "collision_rate_before": collision_rate(raw_codes),
+        "collision_rate_reassigned": collision_rate(codes),
         "collision_rate_after": collision_rate(full),
         "suffix_size": doc["suffix_size"],
         "images": len(ids),

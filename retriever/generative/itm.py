@@ -33,23 +33,30 @@ class DenseTokenFeatures:
         self.encoder, self.pool = encoder.eval(), pool
 
     @torch.no_grad()
-    def text(self, texts: Sequence[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def text(self, texts: Sequence[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(token features [B, Lt, W], mask [B, Lt], pooled normalised embedding [B, E])."""
         tokens = self.encoder.tokenize(texts).to(device)
-        out = self.encoder.clip.forward_intermediates(text=tokens, text_indices=1, normalize_intermediates=True,
-                                                      intermediates_only=True)
+        out = self.encoder.clip.forward_intermediates(text=tokens, text_indices=1, normalize_intermediates=True)
         feats = out["text_intermediates"][-1]
         mask = tokens != 0  # open_clip pads with 0
         length = int(mask.sum(1).max())  # drop the all-padding tail: most of the context is empty
-        return feats[:, :length].float(), mask[:, :length]
+        return feats[:, :length].float(), mask[:, :length], out["text_features"].float()
 
     @torch.no_grad()
     def image(self, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Patch features [B, P, W] with the pooled normalised embedding appended as the last row's first E dims."""
         out = self.encoder.clip.forward_intermediates(image=pixels.to(device), image_indices=1, normalize_intermediates=True,
-                                                      intermediates_only=True, image_output_fmt="NCHW")
+                                                      image_output_fmt="NCHW")
         grid = out["image_intermediates"][-1].float()
         if self.pool > 1:
             grid = F.avg_pool2d(grid, self.pool)
-        return grid.flatten(2).transpose(1, 2)  # [B, P, W]
+        tokens = grid.flatten(2).transpose(1, 2)
+        pooled = out["image_features"].float()
+        if pooled.shape[-1] > tokens.shape[-1]:
+            raise ValueError(f"embedding dim {pooled.shape[-1]} exceeds the token width {tokens.shape[-1]}")
+        # carry the pooled embedding as one extra row (zero-padded to the token width) so one tensor holds both
+        extra = F.pad(pooled, (0, max(0, tokens.shape[-1] - pooled.shape[-1])))[:, None, : tokens.shape[-1]]
+        return torch.cat([tokens, extra], dim=1)
 
 
 @dataclass
@@ -60,6 +67,7 @@ class ITMSpec:
     layers: int = 2
     heads: int = 4
     max_image_tokens: int = 64
+    dense_scale: float = 10.0  # initial temperature of the dense similarity term
 
 
 class ShapesITM(nn.Module):
@@ -76,16 +84,27 @@ class ShapesITM(nn.Module):
         layer = nn.TransformerEncoderLayer(w, spec.heads, 2 * w, dropout=0.1, batch_first=True, norm_first=True)
         self.fusion = nn.TransformerEncoder(layer, spec.layers, enable_nested_tensor=False)
         self.head = nn.Sequential(nn.LayerNorm(w), nn.Linear(w, 1))
+        nn.init.zeros_(self.head[1].weight)  # start as the dense score; the fusion learns a correction
+        nn.init.zeros_(self.head[1].bias)
+        self.dense_scale = nn.Parameter(torch.tensor(float(spec.dense_scale)).log())
 
-    def forward(self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        """Match logits [B] for aligned rows of text [B, Lt, Dt] (mask [B, Lt]) and image tokens [B, P, Di]."""
+    def forward(self, text: torch.Tensor, text_mask: torch.Tensor, text_emb: torch.Tensor,
+                image: torch.Tensor) -> torch.Tensor:
+        """Match logits [B] for aligned rows of text tokens [B, Lt, Dt] (mask [B, Lt]), the text's pooled dense
+        embedding [B, E] and image rows [B, P + 1, Di] (patch tokens, then the pooled image embedding).
+
+        logit = s · cos(text, image) + f(text tokens, image tokens): the dense similarity is the ITC score the
+        cross-encoder starts from (BLIP's ITM sits on ITC-aligned encoders); the fusion transformer learns what
+        the pooled vectors miss (which object is where, which colour goes with which shape)."""
+        image, image_emb = image[:, :-1], image[:, -1, : text_emb.shape[-1]]
+        dense = self.dense_scale.exp() * (F.normalize(text_emb, dim=-1) * F.normalize(image_emb, dim=-1)).sum(-1)
         b = len(text)
         t = self.text_proj(text) + self.type_embed[0]
         v = self.image_proj(image) + self.type_embed[1] + self.image_pos[: image.shape[1]]
         x = torch.cat([self.cls.expand(b, -1, -1), t, v], dim=1)
         pad = torch.cat([torch.zeros(b, 1, dtype=torch.bool, device=x.device), ~text_mask.bool(),
                          torch.zeros(b, v.shape[1], dtype=torch.bool, device=x.device)], dim=1)
-        return self.head(self.fusion(x, src_key_padding_mask=pad)[:, 0]).squeeze(-1)
+        return dense + self.head(self.fusion(x, src_key_padding_mask=pad)[:, 0]).squeeze(-1)
 
 
 def itm_loss(logits: torch.Tensor) -> torch.Tensor:

@@ -66,8 +66,8 @@ def score_pairs(model: ShapesITM, feats: DenseTokenFeatures, texts: Sequence[str
     """ITM logits for aligned (text, image-token) rows."""
     out = []
     for i in range(0, len(texts), batch_size):
-        t, m = feats.text(texts[i:i + batch_size], device)
-        out.append(model(t, m, image_tokens[i:i + batch_size].to(device)).float().cpu())
+        t, m, e = feats.text(texts[i:i + batch_size], device)
+        out.append(model(t, m, e, image_tokens[i:i + batch_size].to(device)).float().cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
 
@@ -110,7 +110,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     val_tokens = torch.cat([feats.image(b, device).cpu() for b in torch.split(
         load_images([vpath[i] for i in val_ids], encoder.preprocess, desc="loading val images"), 256)])
     t_dim = int(feats.text(["a"], device)[0].shape[-1])
-    spec = ITMSpec(t_dim, train_tokens.shape[-1], cfg.width, cfg.layers, cfg.heads, train_tokens.shape[1])
+    spec = ITMSpec(t_dim, train_tokens.shape[-1], cfg.width, cfg.layers, cfg.heads, train_tokens.shape[1] - 1,
+                   float(encoder.clip.logit_scale.exp()))
     model = ShapesITM(spec).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     row_of = {i: r for r, i in enumerate(image_ids)}
@@ -134,9 +135,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
         rows = np.concatenate([pos[:, None], neg], axis=1)  # [B, 1 + n]
         group = 1 + cfg.negatives
         model.train()
-        t, m = feats.text([text_ids[q]["raw"] for q in batch], device)
-        t, m = t.repeat_interleave(group, 0), m.repeat_interleave(group, 0)
-        logits = model(t, m, train_tokens[rows.reshape(-1)].to(device)).view(len(batch), group)
+        t, m, e = feats.text([text_ids[q]["raw"] for q in batch], device)
+        t, m, e = (x.repeat_interleave(group, 0) for x in (t, m, e))
+        logits = model(t, m, e, train_tokens[rows.reshape(-1)].to(device)).view(len(batch), group)
         loss = itm_loss(logits)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from core.errors import InputError
-from rqvae import generate_codes
 from rqvae import train as rqvae_train
 from rqvae.codes import Identifiers, build_codes, collision_rate, disambiguate, set_identifier, write_codes
 from rqvae.model import ResidualQuantizer
@@ -20,6 +19,16 @@ def test_disambiguate_numbers_each_collision_group():
     full = disambiguate(codes, order_key=[0.5, 0.1, 0.0, 0.9])
     assert full[:, -1].tolist() == [1, 0, 0, 2]  # the closest image of the group gets suffix 0
     assert collision_rate(codes) == 75.0 and collision_rate(full) == 0.0
+
+
+def test_reassignment_moves_collisions_to_the_nearest_free_code():
+    from rqvae.codes import reassign_collisions
+
+    codes = np.array([[1, 2], [1, 2], [1, 2], [0, 0]])
+    last_dist = np.array([[0, 0, 0, 0], [3, 0, 1, 2], [0, 3, 1, 2], [0, 0, 0, 0]], dtype=float)
+    out = reassign_collisions(codes, last_dist, order_key=[0.0, 0.5, 0.7, 0.0])
+    assert out.tolist() == [[1, 2], [1, 1], [1, 0], [0, 0]]  # each moved image takes its nearest free code
+    assert collision_rate(out) == 0.0
 
 
 def test_set_identifier_forgets_order_only_for_a_shared_codebook():
@@ -38,16 +47,6 @@ def test_residual_levels_reduce_the_error():
         approx = sum(rq.book(l)[codes[:, l]] for l in range(level))
         errors.append(float((x - approx).pow(2).mean()))
     assert errors[0] > errors[1] > errors[2]
-
-
-@pytest.fixture(scope="module")
-def codes_path(dense_run, tmp_path_factory):
-    out = tmp_path_factory.mktemp("rqvae")
-    rqvae_train.main(["--emb_dir", str(dense_run / "emb"), "--output_dir", str(out / "rqvae"), "--epochs", "30",
-                      "--batch_size", "128", "--levels", "2", "--codebook_size", "16", "--restart_every", "10"])
-    row = generate_codes.main(["--checkpoint", str(out / "rqvae" / "checkpoint-best"), "--emb_dir", str(dense_run / "emb"),
-                               "--output", str(out / "codes.json"), "--summary", str(out / "results.json")])
-    return out / "codes.json", row, out
 
 
 def test_rqvae_trains_and_reports(codes_path, dense_run):

@@ -68,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     report_x = torch.from_numpy(embs[cfg.report_split][0]) if cfg.report_split in embs else x
     recon = reconstruction_error(model, report_x)
     row = {
-        "reconstruction_mse": recon["mse"],
+        "reconstruction": recon["mse"],  # mean squared error of the embedding rebuilt from its codes
         "reconstruction_cosine": recon["cosine"],
         "usage": stats["usage"],
         "entropy": stats["entropy"],

@@ -66,10 +66,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     pairs = mine_pairs(sets, annotated, cfg.max_pairs, cfg.seed)
     texts = generate_texts(gen, bank, pairs, cfg)
     keep = [i for i, t in enumerate(texts) if keep_text(t, cfg.min_words)]
-    rows = [_row(k, pairs[i][0], pairs[i][1], texts[i], pairs[i][2]) for k, i in enumerate(keep)]
-    rev_pairs = [(t.target, t.reference, t.members) for t in source.triplets]
+    rows = [_row(k, pairs[i][0], pairs[i][1], texts[i], pairs[i][2], pairs[i][3]) for k, i in enumerate(keep)]
+    rev_pairs = [(t.target, t.reference, t.members, t.set_id) for t in source.triplets]
     rev_texts = generate_texts(gen, bank, rev_pairs, cfg)
-    reverse = [_row(t.pairid, t.target, t.reference, text, t.members)
+    reverse = [_row(t.pairid, t.target, t.reference, text, t.members, t.set_id)
                for t, text in zip(source.triplets, rev_texts)]
     _, split_path = cirr_files(cfg.cirr_root, cfg.split)
     mapping = read_json(split_path)
@@ -93,9 +93,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 def mine_pairs(sets: Sequence[Sequence[str]], exclude: set[tuple[str, str]], max_pairs: int,
-               seed: int) -> list[tuple[str, str, tuple[str, ...]]]:
+               seed: int) -> list[tuple[str, str, tuple[str, ...], int]]:
     """Every ordered pair of distinct images within a group (not in `exclude`), a seeded sample of `max_pairs`."""
-    pairs = [(a, b, tuple(group)) for group in sets for a in group for b in group
+    pairs = [(a, b, tuple(group), gid) for gid, group in enumerate(sets) for a in group for b in group
              if a != b and (a, b) not in exclude]
     rng = np.random.default_rng(seed)
     if len(pairs) > max_pairs:
@@ -122,10 +122,10 @@ def keep_text(text: str, min_words: int) -> bool:
     return re.search(r"\b(\w+)( \1\b){2,}", text) is None
 
 
-def _row(pairid: int, reference: str, target: str, caption: str, members: Sequence[str]) -> dict:
+def _row(pairid: int, reference: str, target: str, caption: str, members: Sequence[str], set_id: object) -> dict:
     members = list(members)
     return {"pairid": pairid, "reference": reference, "target_hard": target, "target_soft": {target: 1.0},
-            "caption": caption, "img_set": {"id": members[0] if members else None, "members": members,
+            "caption": caption, "img_set": {"id": set_id, "members": members,
                                              "reference_rank": members.index(reference) if reference in members else -1,
                                              "target_rank": members.index(target) if target in members else -1}}
 

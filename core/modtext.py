@@ -108,6 +108,7 @@ class ImageTokens(nn.Module):
             self.model.save(folder)
         elif "name" not in self.source:  # a named pretrained encoder reloads by name; anything else is saved
             self.model.save_pretrained(folder)
+            self.processor.save_pretrained(folder)
         atomic_write_json(folder / "image_encoder.json", {"kind": self.kind, "hidden_size": self.hidden_size,
                                                           **self.source})
 
@@ -125,7 +126,9 @@ def hf_image_tokens(vision_model: nn.Module, image_processor: Any, source: dict[
     def preprocess(img: Image.Image) -> torch.Tensor:
         return image_processor(images=img, return_tensors="pt")["pixel_values"][0]
 
-    return ImageTokens("hf", vision_model, preprocess, int(vision_model.config.hidden_size), source)
+    tokens = ImageTokens("hf", vision_model, preprocess, int(vision_model.config.hidden_size), source)
+    tokens.processor = image_processor
+    return tokens
 
 
 def load_image_tokens(folder: str | Path) -> ImageTokens:

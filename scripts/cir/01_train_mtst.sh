@@ -5,11 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/common.sh
 
-LM_STEPS=$(fast_or 60 300)
-STEPS=$(fast_or 150 700)
+LM_STEPS=$(fast_or 30 300)
+STEPS=$(fast_or 80 700)
 BATCH_SIZE=32
 LR=1e-3
-EVAL_EVERY=$(fast_or 150 175)
+EVAL_EVERY=$(fast_or 80 175)
 
 "$PYTHON" -m cir.train_mtst --config configs/cir/shapes_mtst.yaml \
   --cirr_root "$DATA_DIR/cirr" --data_json "$DATA_DIR/dataset_shapes.json" \

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/common.sh
 
-MAX_PAIRS=$(fast_or 1000 6000)
+MAX_PAIRS=$(fast_or 400 6000)
 
 "$PYTHON" -m cir.synthesize --config configs/cir/shapes_synthesize.yaml \
   --cirr_root "$DATA_DIR/cirr" --generator "$RUN_DIR/cir/mtst/checkpoint-best" \

@@ -69,6 +69,7 @@ class RetConfig:
     input_gate_bias_prior: float = 0.0
     forget_gate_bias_prior: float = 0.0
     use_tanh: bool = False
+    vision_pool: int = 1  # > 1: average-pool the patch grid by this factor before the cell (not in the reference; CPU budget)
     use_text: bool = True  # False: text-only/image-only ablations mask a modality out (m_T / m_V = 0)
     use_image: bool = True
 
@@ -149,10 +150,20 @@ class FrozenTowers(nn.Module):
     @torch.no_grad()
     def text_tokens(self, tokens: torch.Tensor, layers: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-layer token states [B, n_layers, L, D] (residual stream, no final LN) and the key mask [B, L]."""
-        out = self.encoder.clip.forward_intermediates(text=tokens, text_indices=list(layers), intermediates_only=True)
         attention = tokens != 0  # open_clip pads with 0 after the end-of-text token
-        length = int(attention.sum(1).max())  # drop the all-padding tail: shorter keys, same result
-        return torch.stack(out["text_intermediates"], 1)[:, :, :length], attention[:, :length]
+        length = int(attention.sum(1).max())
+        clip = self.encoder.clip
+        if getattr(clip, "attn_mask", None) is not None and hasattr(clip, "positional_embedding"):
+            # The text tower is causal: positions before `length` never see the padding after it, so running
+            # only the first `length` positions gives the same states at a fraction of the cost.
+            cast = clip.transformer.get_cast_dtype()
+            x = clip.token_embedding(tokens[:, :length]).to(cast) + clip.positional_embedding[:length].to(cast)
+            _, states = clip.transformer.forward_intermediates(x, attn_mask=clip.attn_mask[:length, :length],
+                                                               indices=list(layers))
+        else:
+            states = clip.forward_intermediates(text=tokens, text_indices=list(layers),
+                                                intermediates_only=True)["text_intermediates"]
+        return torch.stack(states, 1)[:, :, :length], attention[:, :length]
 
     @torch.no_grad()
     def vision_tokens(self, pixels: torch.Tensor, layers: Sequence[int]) -> torch.Tensor:
@@ -253,6 +264,19 @@ class SideInputs:
                           move(self.image_mask))
 
 
+def pool_patches(tokens: torch.Tensor, factor: int) -> torch.Tensor:
+    """[B, 1 + g*g, D] ([CLS] + a g×g patch grid) → [CLS] + the grid average-pooled by `factor`."""
+    if factor == 1:
+        return tokens
+    b, n, d = tokens.shape
+    g = math.isqrt(n - 1)
+    if g * g != n - 1 or g % factor:
+        raise InputError("ret config", "vision_pool", f"cannot pool a {n - 1}-patch grid by {factor}")
+    grid = tokens[:, 1:].reshape(b, g, g, d).permute(0, 3, 1, 2)
+    pooled = F.avg_pool2d(grid, factor).flatten(2).transpose(1, 2)
+    return torch.cat([tokens[:, :1], pooled], 1)
+
+
 class RetModel(nn.Module):
     """One side of ReT: per-layer adapters, the shared recurrent cell, and the late projection (R9).
 
@@ -285,7 +309,8 @@ class RetModel(nn.Module):
         state = None
         for step in range(self.cfg.n_steps):
             text = self.text_adapter[step](inputs.text[:, step].float()) if use_text else None  # A^T_l t_l
-            vision = self.vision_adapter[step](inputs.vision[:, step].float()) if use_image else None  # A^V_l v_l
+            vision = (self.vision_adapter[step](pool_patches(inputs.vision[:, step].float(), self.cfg.vision_pool))
+                      if use_image else None)  # A^V_l v_l
             state = self.cell(state, text, inputs.text_attention if use_text else None, vision,
                               inputs.text_mask, inputs.image_mask)
         return self.late_proj(state)  # R9 (projection)

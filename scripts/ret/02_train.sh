@@ -6,8 +6,8 @@ cd "$(dirname "$0")/../.."
 source scripts/common.sh
 
 VARIANTS=ret,text-only,image-only,single-layer
-EPOCHS=$(fast_or 4 4)
-MAX_STEPS=$(fast_or 0 0)
+EPOCHS=100  # the step budget below decides: the whole stage must fit in 3 minutes on 2 CPU cores
+MAX_STEPS=$(fast_or 30 100)
 BATCH_SIZE=$(fast_or 64 128)
 LR=2e-3
 

@@ -8,8 +8,8 @@ source scripts/common.sh
 
 NUM_ITERATIONS=3
 HARD_NEGATIVE_K=5
-EPOCHS_PER_ROUND=$(fast_or 2 3)
-MAX_AUGMENT_PER_ROUND=$(fast_or 64 0)   # 0 = every mined pair
+EPOCHS_PER_ROUND=$(fast_or 1 3)
+MAX_AUGMENT_PER_ROUND=$(fast_or 32 256)   # 0 = every mined pair
 LEARNING_RATE=1e-4
 MODEL_PATH="$(cat "$RUN_DIR/cir/best_model.txt")"
 FOUNDATION_MODEL_PATH="$RUN_DIR/cir/mtst/checkpoint-best"

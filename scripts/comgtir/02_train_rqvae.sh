@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/common.sh
 
-EPOCHS=$(fast_or 40 100)
+EPOCHS=$(fast_or 20 100)
 BATCH_SIZE=$(fast_or 128 512)
 
 "$PYTHON" -m rqvae.train --config configs/comgtir/shapes/rqvae.yaml \

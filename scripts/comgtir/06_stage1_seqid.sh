@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/common.sh
 
-EPOCHS=$(fast_or 4 6)
+EPOCHS=$(fast_or 2 3)
 BATCH_SIZE=256
 LR=3e-3
 

@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/common.sh
 
-EPOCHS=$(fast_or 2 2)
+EPOCHS=$(fast_or 1 1)
 BATCH_SIZE=256
 LR=2e-3
 

@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/common.sh
 
-EPOCHS=$(fast_or 2 3)
+EPOCHS=$(fast_or 1 2)
 BATCH_SIZE=256
 LR=1e-3
 SET_WEIGHT=1.0

@@ -4,8 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/common.sh
 
-EPOCHS=$(fast_or 2 3)
-QUERIES_PER_EPOCH=$(fast_or 1000 3000)
+EPOCHS=$(fast_or 1 2)
+QUERIES_PER_EPOCH=$(fast_or 500 3000)
 
 "$PYTHON" -m retriever.generative.train_itm --dense_checkpoint "$RUN_DIR/dense/checkpoint-best" \
   --emb_dir "$RUN_DIR/dense/emb" --data_json "$DATA_DIR/dataset_shapes.json" --image_root "$DATA_DIR/images" \

@@ -146,10 +146,14 @@ class MIRRun:
         self.check_identity()
         save_config(self.cfg, self.out / "config.yaml")
         episodes = self.episodes()
-        start = min(self.store.next_round(e.target) for e in episodes)
+        last = self.store.last()
+        next_round = {e.target: last[e.target]["round"] + 1 if e.target in last else 0 for e in episodes}
+        start = min(next_round.values())
         for r in progress(range(start, self.cfg.rounds + 1), desc=f"mir {self.cfg.mode} rounds",
                           initial=start, total=self.cfg.rounds + 1):
-            todo = [e for e in episodes if self.store.next_round(e.target) == r]
+            todo = [e for e in episodes if next_round[e.target] == r]
+            for e in todo:
+                next_round[e.target] = r + 1
             for i in range(0, len(todo), self.cfg.batch_size):
                 self.store.append(self.round(todo[i:i + self.cfg.batch_size], r))
         self.write_dialogues(episodes)

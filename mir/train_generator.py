@@ -86,15 +86,16 @@ def load_train_pixels(cfg: TrainGeneratorConfig, resolution: int) -> tuple[torch
 
 def diffusion_loss(model: UNetWithEMA, noise_scheduler: Any, conditioner: TextConditioner, x0: torch.Tensor,
                    captions: list[str], gen: torch.Generator, device: torch.device) -> torch.Tensor:
-    """Eq. 14 of Ho et al. 2020 (simple loss) with the v-target of Salimans & Ho 2022: ||v_θ(x_t, t, c) − v||²."""
+    """Eq. 14 of Ho et al. 2020 (the simple loss) with the scheduler's target: x0 (||x̂_θ(x_t, t, c) − x0||²,
+    the default here), ε, or v (Salimans & Ho 2022)."""
     n = len(x0)
     noise = torch.randn(x0.shape, generator=gen).to(device)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), generator=gen).to(device)
     xt = noise_scheduler.add_noise(x0, noise, t)
-    if noise_scheduler.config.prediction_type == "v_prediction":
+    kind = noise_scheduler.config.prediction_type
+    target = {"sample": x0, "epsilon": noise}.get(kind)
+    if kind == "v_prediction":
         target = noise_scheduler.get_velocity(x0, noise, t)
-    else:
-        target = noise
     states, pooled, mask = conditioner(conditioner.tokens(captions).to(device))
     with autocast(device):
         pred = model.unet(xt, t, states, pooled, mask)

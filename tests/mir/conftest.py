@@ -1,0 +1,40 @@
+"""Fixtures of the MIR tests: a tiny Shapes generator trained for a few steps and an untrained tiny
+modification-text generator (the simulated user's interface; its words are noise, the machinery is real)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+TINY_UNET = {"resolution": 32, "patch": 4, "layers_per_block": 1, "block_out_channels": [32, 32],
+             "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+             "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"], "attention_head_dim": 8,
+             "norm_num_groups": 8, "class_embed_type": "projection"}
+
+
+@pytest.fixture(scope="session")
+def mir_generator(shapes_world, dense_checkpoint, tmp_path_factory) -> Path:
+    """`mir.train_generator` run for 40 steps on the tiny world; returns the run folder."""
+    from mir import train_generator
+
+    out = tmp_path_factory.mktemp("mir") / "generator"
+    train_generator.main([
+        "--data_json", str(shapes_world / "dataset_shapes.json"), "--image_root", str(shapes_world / "images"),
+        "--dense_checkpoint", str(dense_checkpoint), "--output_dir", str(out), "--unet", json.dumps(TINY_UNET),
+        "--steps", "40", "--batch_size", "16", "--lr", "2e-3", "--warmup_steps", "5", "--save_every", "20",
+        "--eval_images", "20", "--sample_steps", "4", "--seed", "0",
+    ])
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_user(shapes_world, dense_checkpoint, tmp_path_factory) -> Path:
+    from core.modtext import build_shapes_generator
+    from core.shapes.edits import describe_edit  # noqa: F401  (the words the generator's vocabulary covers)
+
+    texts = [c["caption"] for c in json.loads((shapes_world / "cirr" / "captions" / "cap.rc2.train.json").read_text())]
+    gen = build_shapes_generator(dense_checkpoint, texts, num_query_tokens=4)
+    out = tmp_path_factory.mktemp("mir") / "user"
+    gen.save_pretrained(out)
+    return out

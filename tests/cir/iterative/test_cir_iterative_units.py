@@ -14,6 +14,7 @@ from cir.iterative.data import Triplet
 from cir.iterative.text_filter import TextFilter
 from cir.iterative.trainer import batch_targets, same_reference_batches
 from cir.losses import query_target_contrastive
+from core.errors import InputError
 
 
 def test_text_filter_rejects_and_counts():
@@ -92,3 +93,25 @@ def test_appended_negatives_keep_labels_right():
     t_bad = t.clone()
     t_bad[3] = emb["a"]
     assert query_target_contrastive(q, t_bad, 0.1, target_ids=targets) > loss
+
+
+def test_bad_options_fail_before_any_work(tmp_path):
+    from cir.iterative import train_iterative as ti
+
+    model = tmp_path / "model"
+    model.mkdir()
+    base = ["--data_dir", str(tmp_path), "--model_path", str(model), "--foundation_model_path", str(model),
+            "--experiment_dir", str(tmp_path / "exp")]
+    cases = [(["--model_backbone", "clip"], "model_backbone"),
+             (["--model_path", str(tmp_path / "nope")], "model_path"),
+             (["--foundation_model_backbone", "gpt4"], "foundation_model_backbone"),
+             (["--hard_negative_k", "0"], "hard_negative_k"),
+             (["--resume_from_iteration", "9"], "resume_from_iteration"),
+             (["--no_such_option", "1"], "no_such_option")]
+    for extra, field in cases:
+        with pytest.raises(InputError) as err:
+            ti.main(base + extra)
+        assert err.value.field == field
+    with pytest.raises(InputError, match="split.rc2.train.json"):  # no CIRR files: the loader names the file
+        ti.main(base)
+    assert not (tmp_path / "exp").exists()  # nothing written

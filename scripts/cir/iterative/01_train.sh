@@ -11,7 +11,9 @@ HARD_NEGATIVE_K=5
 EPOCHS_PER_ROUND=$(fast_or 1 3)
 MAX_AUGMENT_PER_ROUND=$(fast_or 32 256)   # 0 = every mined pair
 LEARNING_RATE=1e-4
-MODEL_PATH="$(cat "$RUN_DIR/cir/best_model.txt")"
+BEST_MODEL_FILE="$RUN_DIR/cir/best_model.txt"   # written by the CIR stage (scripts/cir/run.sh): its pretrain+ptha model
+[ -f "$BEST_MODEL_FILE" ] || { echo "missing $BEST_MODEL_FILE: run scripts/cir/run.sh first" >&2; exit 1; }
+MODEL_PATH="$(cat "$BEST_MODEL_FILE")"
 FOUNDATION_MODEL_PATH="$RUN_DIR/cir/mtst/checkpoint-best"
 
 "$PYTHON" -m cir.iterative.train_iterative --config configs/cir_iterative/shapes.yaml \

@@ -11,6 +11,7 @@ HARD_NEGATIVE_K=5
 EPOCHS_PER_ROUND=$(fast_or 1 3)
 MAX_AUGMENT_PER_ROUND=$(fast_or 32 256)   # 0 = every mined pair
 LEARNING_RATE=1e-4
+WANDB=$(fast_or false true)             # wandb (offline) start-up is a sizeable share of a FAST run
 BEST_MODEL_FILE="$RUN_DIR/cir/best_model.txt"   # written by the CIR stage (scripts/cir/run.sh): its pretrain+ptha model
 [ -f "$BEST_MODEL_FILE" ] || { echo "missing $BEST_MODEL_FILE: run scripts/cir/run.sh first" >&2; exit 1; }
 MODEL_PATH="$(cat "$BEST_MODEL_FILE")"
@@ -21,4 +22,4 @@ FOUNDATION_MODEL_PATH="$RUN_DIR/cir/mtst/checkpoint-best"
   --foundation_model_backbone mtst --foundation_model_path "$FOUNDATION_MODEL_PATH" \
   --experiment_dir "$RUN_DIR/cir-iterative" --num_iterations "$NUM_ITERATIONS" --hard_negative_k "$HARD_NEGATIVE_K" \
   --epochs_per_round "$EPOCHS_PER_ROUND" --max_augment_per_round "$MAX_AUGMENT_PER_ROUND" \
-  --learning_rate "$LEARNING_RATE" --seed "$SEED" --auto_resume true "$@"
+  --learning_rate "$LEARNING_RATE" --wandb "$WANDB" --seed "$SEED" --auto_resume true "$@"

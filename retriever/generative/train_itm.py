@@ -124,6 +124,14 @@ def main(argv: Sequence[str] | None = None) -> Path:
         best = BestTracker(meta.get("best"))
     tracker = Tracker(out, cfg, project=cfg.wandb_project, name=f"comgtir-itm-{out.parent.parent.name}")
     history = []
+    if step == 0:
+        # the head starts as the dense score: validating the start keeps a correction that does not help out of best
+        val = validate(cfg, model, feats, val_tokens, device)
+        history.append({"step": 0, **val})
+        print(f"[itm] start: val itm {val['itm']} dense {val['dense']}")
+        best.update(val["itm"]["R@1"])
+        save_checkpoint(out / BEST, stage=ITM_STAGE, model=model, step=0, config=cfg, extra={"val": val},
+                        model_files=save_itm_files(model))
     bar = progress(total=total, initial=step, desc="training itm")
     while step < total:
         epoch = step // steps_per_epoch

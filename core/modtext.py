@@ -65,7 +65,9 @@ def build_word_tokenizer(texts: Sequence[str]):
 def detokenize(tokenizer, ids: Sequence[int]) -> str:
     """Token ids back to text, without special tokens and without the spaces a word tokenizer puts before '?'."""
     text = tokenizer.decode(list(ids), skip_special_tokens=True)
-    return text.replace(" ?", "?").replace(" ,", ",").replace(" .", ".").strip()
+    for spaced, joined in ((" ?", "?"), (" ,", ","), (" .", "."), (" ;", ";"), (" - ", "-")):
+        text = text.replace(spaced, joined)
+    return text.strip()
 
 
 # ----------------------------------------------------------------------------------------------- image encoders

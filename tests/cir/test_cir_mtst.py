@@ -86,3 +86,12 @@ def test_instructblip_code_path_tiny(tmp_path):
     r2 = ComposedRetriever.from_pretrained(tmp_path / "r", device=torch.device("cpu"))
     with torch.no_grad():
         assert torch.allclose(r2.encode_queries(px, ["make the circle red", "remove the star"]), q, atol=1e-6)
+
+
+def test_word_tokenizer_round_trip():
+    from core.modtext import detokenize
+
+    tok = build_word_tokenizer(["make the medium-sized square red; remove it?"])
+    text = "make the medium-sized square red; remove it?"
+    assert detokenize(tok, tok(text)["input_ids"]) == text
+    assert "[UNK]" in tok.decode(tok("a zebra")["input_ids"])

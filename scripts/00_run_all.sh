@@ -9,6 +9,11 @@ START=$(date +%s)
 
 t=$(date +%s); bash scripts/01_make_shapes.sh; stage_time world "$t"
 t=$(date +%s); bash scripts/dense/run.sh; stage_time dense "$t"
+t=$(date +%s); bash scripts/comgtir/run.sh; stage_time comgtir "$t"
+t=$(date +%s); bash scripts/ret/run.sh; stage_time ret "$t"
+t=$(date +%s); bash scripts/cir/run.sh; stage_time cir "$t"
+t=$(date +%s); bash scripts/cir/iterative/run.sh; stage_time cir-iterative "$t"
+t=$(date +%s); bash scripts/mir/run.sh; stage_time mir "$t"
 
 echo
 cat "$RUN_DIR/results.md"

@@ -12,6 +12,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # stage → (rows, metrics) that the main job must write, as DESIGN §4 lists them.
 EXPECTED = {
     "dense": (["dense"], ["R@1", "R@5", "R@10"]),
+    "comgtir": (["seq-id", "dual-id", "dual-id+dense-rerank", "dual-id+itm-rerank"], ["R@1", "R@5", "R@10"]),
+    "cir": (["no-pretrain", "pretrain", "pretrain+ptha", "ptha-alpha0", "ptha-alpha1", "zero-shot"],
+            ["R@1", "R@5", "R@10", "R@50", "Rs@1", "Rs@2", "Rs@3", "Avg"]),
+    "cir-iterative": (["round0", "round1", "round2", "round3"], ["R@1", "R@5", "R@10", "R@50", "Rs@1", "Avg"]),
+    "mir": (["genir", "prediction", "text-only"], ["Hits@10"]),
+    "ret": (["ret", "text-only", "image-only", "single-layer"], ["R@1", "R@5", "R@10"]),
 }
 
 
@@ -30,4 +36,7 @@ def test_fast_main_job_writes_every_stage(tmp_path):
                 values = value if isinstance(value, list) else [value]
                 assert all(isinstance(v, (int, float)) and not math.isnan(v) and 0 <= v <= 100 for v in values), \
                     f"{stage}/{row}/{metric} = {value!r}"
+    assert 0 <= results["ret"]["index"]["top10_agreement"] <= 100
+    for key in ("reconstruction", "collision_rate_before", "collision_rate_after"):
+        assert key in results["comgtir"]["rqvae"]
     assert (run_dir / "results.md").read_text().count("|") > 10

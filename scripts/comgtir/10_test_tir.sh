@@ -6,7 +6,6 @@ cd "$(dirname "$0")/../.."
 source scripts/common.sh
 
 NUM_BEAMS=20
-GUIDANCE=1.0
 
 "$PYTHON" -m retriever.generative.evaluate --config configs/comgtir/shapes/evaluate.yaml \
   --checkpoint "$RUN_DIR/comgtir/stage1_seqid/checkpoint-best" --guidance 0 \

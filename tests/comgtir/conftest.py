@@ -11,7 +11,7 @@ def codes_path(dense_run, tmp_path_factory):
     from rqvae import train as rqvae_train
 
     out = tmp_path_factory.mktemp("rqvae")
-    rqvae_train.main(["--emb_dir", str(dense_run / "emb"), "--output_dir", str(out / "rqvae"), "--epochs", "30",
+    rqvae_train.main(["--emb_dir", str(dense_run / "emb"), "--output_dir", str(out / "rqvae"), "--epochs", "100",
                       "--batch_size", "128", "--levels", "2", "--codebook_size", "16", "--restart_every", "10"])
     row = generate_codes.main(["--checkpoint", str(out / "rqvae" / "checkpoint-best"), "--emb_dir", str(dense_run / "emb"),
                                "--output", str(out / "codes.json"), "--summary", str(out / "results.json")])

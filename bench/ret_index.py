@@ -74,7 +74,7 @@ def bench_size(n: int, cfg: BenchConfig) -> dict:
     _, found = index.search(queries, 10, per_token=cfg.per_token, desc=f"index search ({n})")
     index_ms = 1000 * (time.time() - started) / len(queries)
     started = time.time()
-    _, exact = exact_topk(queries, index.passages, 10, block=4, desc=f"exact MaxSim ({n})")
+    _, exact = exact_topk(queries, index.passages, 10, block=1, desc=f"exact MaxSim ({n})")
     exact_ms = 1000 * (time.time() - started) / len(queries)
     agree = float(np.mean([set(f) == set(e.tolist()) for f, e in zip(found, exact)]))
     candidates = float(np.mean([len(c) for c in index.candidates(queries, cfg.per_token)]))

@@ -108,9 +108,18 @@ class RetrieverConfig:
             raise InputError(source, "query/passage", str(e)) from None
 
 
-def layer_strategy(name: str) -> dict[str, list[int]]:
+def layer_strategy(name: str, n_text: int | None = None, n_vision: int | None = None) -> dict[str, list[int]]:
+    """Layers a named strategy reads; "all" (one step per layer, spread evenly if the towers differ in depth)
+    and "last" adapt to towers of `n_text` / `n_vision` layers."""
+    if name in ("all", "last") and n_text and n_vision:
+        if name == "last":
+            return {"text": [n_text - 1], "vision": [n_vision - 1]}
+        steps = min(n_text, n_vision)
+        spread = lambda n: [round(i * (n - 1) / max(1, steps - 1)) for i in range(steps)]  # noqa: E731
+        return {"text": spread(n_text), "vision": spread(n_vision)}
     if name not in LAYER_STRATEGIES:
-        raise InputError("ret config", "layer_strategy", f"unknown {name!r}; known: {', '.join(LAYER_STRATEGIES)}")
+        known = ", ".join([*LAYER_STRATEGIES, "all", "last"])
+        raise InputError("ret config", "layer_strategy", f"unknown {name!r}; known: {known}")
     return copy.deepcopy(LAYER_STRATEGIES[name])
 
 

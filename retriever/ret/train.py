@@ -11,14 +11,12 @@ m = 0), `single-layer` (one step of the cell on the towers' last layer: fusion w
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-import numpy as np
 import torch
 
 from core.checkpoint import BEST, LAST, BestTracker, read_meta, resume, save_checkpoint
@@ -27,6 +25,7 @@ from core.data import epoch_batches
 from core.device import autocast, get_device, seed_everything
 from core.encoders import load_dual_encoder
 from core.errors import InputError
+from core.io import read_json
 from core.logging import Tracker, format_table, progress, write_metrics
 from core.metrics import mean_recall, recall_from_rankings
 from retriever.ret.data import M2KRSplit, load_m2kr
@@ -46,8 +45,8 @@ class TrainConfig:
     cache_dir: str = "runs/shapes/ret/cache"  # cached tower tokens; '' = run the towers on every batch
     output_dir: str = "runs/shapes/ret"
     variants: list = field(default_factory=lambda: list(VARIANTS))
-    layer_strategy: str = "shapes"  # which tower layers the cell reads (model.LAYER_STRATEGIES)
-    single_layer_strategy: str = "shapes_last"  # the layer(s) of the single-layer ablation
+    layer_strategy: str = "shapes"  # tower layers the cell reads (model.LAYER_STRATEGIES, or "all")
+    single_layer_strategy: str = "shapes_last"  # the layer(s) of the single-layer ablation (or "last")
     cell: dict = field(default_factory=dict)  # RetConfig overrides for both sides, e.g. {"hidden_size": 64}
     use_instruction: bool = False
     train_split: str = "train"
@@ -65,11 +64,13 @@ class TrainConfig:
     wandb_project: str = "genretrieval"
 
 
-def variant_config(cfg: TrainConfig, variant: str) -> RetrieverConfig:
-    """The retriever config of one variant: ReT, or one of its ablations."""
+def variant_config(cfg: TrainConfig, variant: str, n_text: int | None = None,
+                   n_vision: int | None = None) -> RetrieverConfig:
+    """The retriever config of one variant: ReT, or one of its ablations (towers of n_text / n_vision layers)."""
     if variant not in VARIANTS:
         raise InputError("command line", "variants", f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
-    layers = layer_strategy(cfg.single_layer_strategy if variant == "single-layer" else cfg.layer_strategy)
+    layers = layer_strategy(cfg.single_layer_strategy if variant == "single-layer" else cfg.layer_strategy,
+                            n_text, n_vision)
     try:
         side = RetConfig(**{**cfg.cell, "text_layers": layers["text"], "vision_layers": layers["vision"],
                             "use_text": variant != "image-only", "use_image": variant != "text-only"})
@@ -81,7 +82,9 @@ def variant_config(cfg: TrainConfig, variant: str) -> RetrieverConfig:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     cfg = parse_config(TrainConfig, argv)
-    configs = {v: variant_config(cfg, v) for v in cfg.variants}  # bad variants fail before any work
+    encoder_spec = read_json(Path(cfg.encoder) / "encoder.json")  # the towers' depth, before loading them
+    depth = (encoder_spec.get("text", {}).get("layers"), encoder_spec.get("vision", {}).get("layers"))
+    configs = {v: variant_config(cfg, v, *depth) for v in cfg.variants}  # bad variants fail before any work
     train = load_m2kr(cfg.queries_file.format(split=cfg.train_split), cfg.passages_file.format(split=cfg.train_split),
                       cfg.image_root)
     val = load_m2kr(cfg.queries_file.format(split=cfg.val_split), cfg.passages_file.format(split=cfg.val_split),

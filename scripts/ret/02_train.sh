@@ -7,9 +7,9 @@ source scripts/common.sh
 
 VARIANTS=ret,text-only,image-only,single-layer
 EPOCHS=100  # the step budget below decides: the whole stage must fit in 3 minutes on 2 CPU cores
-MAX_STEPS=$(fast_or 30 100)
-BATCH_SIZE=$(fast_or 64 128)
-LR=2e-3
+MAX_STEPS=$(fast_or 40 100)
+BATCH_SIZE=64
+LR=1e-3
 
 "$PYTHON" -m retriever.ret.train --config configs/ret/shapes.yaml --encoder "$RUN_DIR/dense/checkpoint-best" \
   --queries_file "$DATA_DIR/m2kr/shapes_{split}.jsonl" --passages_file "$DATA_DIR/m2kr/shapes_passages_{split}.jsonl" \

@@ -11,7 +11,8 @@ from core.errors import InputError
 from retriever.ret.model import (RetConfig, RetrieverConfig, RetrieverModel, SideInputs, contrastive_loss, maxsim)
 from retriever.ret.retrieval import exact_topk, maxsim_scores
 
-SMALL = RetConfig(hidden_size=32, head_dim=16, dropout=0.0, attention_dropout=0.0)
+SMALL = RetConfig(text_layers=[0, 1], vision_layers=[0, 1], hidden_size=32, head_dim=16, dropout=0.0,
+                  attention_dropout=0.0)  # the test towers have 2 + 2 layers
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +101,7 @@ def test_contrastive_loss_by_hand():
 def test_single_side_inputs_allow_absent_modality(retriever):
     q = retriever.get_query_model()
     b = 2
-    text = torch.randn(b, 4, 5, q.towers.text_width)
+    text = torch.randn(b, 2, 5, q.towers.text_width)
     inputs = SideInputs(text, torch.ones(b, 5, dtype=torch.bool), None, torch.ones(b), torch.zeros(b))
     with torch.no_grad():
         assert q.encode(inputs).shape == (b, 32, 128)

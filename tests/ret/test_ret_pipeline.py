@@ -7,6 +7,7 @@ import pytest
 
 from retriever.ret import cache, evaluate, index, search, train
 
+LAYERS = ["--layer_strategy", "all", "--single_layer_strategy", "last"]  # the test towers have 2 + 2 layers
 CELL = '{"hidden_size": 32, "head_dim": 16, "dropout": 0.0, "attention_dropout": 0.0}'
 
 
@@ -17,7 +18,7 @@ def ret_run(shapes_world, dense_checkpoint, tmp_path_factory):
             f"--passages_file={shapes_world}/m2kr/shapes_passages_{{split}}.jsonl", "--image_root", str(shapes_world)]
     cache.main(["--encoder", str(dense_checkpoint), *data, "--output_dir", str(run / "cache")])
     val = train.main(["--encoder", str(dense_checkpoint), *data, "--cache_dir", str(run / "cache"),
-                      "--output_dir", str(run), "--variants", "ret,text-only", "--cell", CELL, "--batch_size", "64",
+                      "--output_dir", str(run), "--variants", "ret,text-only", "--cell", CELL, *LAYERS, "--batch_size", "64",
                       "--epochs", "3", "--lr", "3e-3", "--warmup_steps", "5", "--seed", "0"])
     return run, data, val
 
@@ -29,7 +30,7 @@ def test_train_beats_chance_and_resumes(ret_run, shapes_world, dense_checkpoint)
     assert val["ret"]["R@10"] > 3 * chance_r10, (val, chance_r10)
     # a rerun of a finished variant does no work and reports the same figures
     again = train.main(["--encoder", str(dense_checkpoint), *data, "--cache_dir", str(run / "cache"),
-                        "--output_dir", str(run), "--variants", "ret", "--cell", CELL, "--batch_size", "64",
+                        "--output_dir", str(run), "--variants", "ret", "--cell", CELL, *LAYERS, "--batch_size", "64",
                         "--epochs", "3", "--resume", "true"])
     assert again["ret"] == val["ret"]
 

@@ -5,14 +5,17 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/common.sh
 
-LM_STEPS=$(fast_or 30 300)
-STEPS=$(fast_or 80 700)
+LM_STEPS=$(fast_or 20 300)
+STEPS=$(fast_or 60 700)
 BATCH_SIZE=32
 LR=1e-3
-EVAL_EVERY=$(fast_or 80 175)
+EVAL_EVERY=$(fast_or 60 175)
+MAX_NEW_TOKENS=$(fast_or 24 32)
+TEST_PAIRS=$(fast_or 100 500)
 
 "$PYTHON" -m cir.train_mtst --config configs/cir/shapes_mtst.yaml \
   --cirr_root "$DATA_DIR/cirr" --data_json "$DATA_DIR/dataset_shapes.json" \
   --dense_checkpoint "$RUN_DIR/dense/checkpoint-best" --output_dir "$RUN_DIR/cir/mtst" \
   --lm_steps "$LM_STEPS" --steps "$STEPS" --batch_size "$BATCH_SIZE" --lr "$LR" --eval_every "$EVAL_EVERY" \
+  --max_new_tokens "$MAX_NEW_TOKENS" --test_pairs "$TEST_PAIRS" \
   --seed "$SEED" "$@"

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/common.sh
 
-EPOCHS=$(fast_or 3 20)
+EPOCHS=$(fast_or 2 20)
 BATCH_SIZE=64
 LR_SCRATCH=1e-3
 LR_FINETUNE=5e-4

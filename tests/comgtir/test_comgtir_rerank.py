@@ -42,11 +42,14 @@ def test_shapes_itm_beats_chance(shapes_world, dense_run, tmp_path):
         "--data_json", str(shapes_world / "dataset_shapes.json"), "--image_root", str(shapes_world / "images"),
         "--output_dir", str(tmp_path / "itm"), "--width", "64", "--epochs", "4", "--queries_per_epoch", "640",
         "--batch_size", "32", "--lr", "1e-3", "--val_queries", "120", "--val_depth", "10"])
-    from core.checkpoint import read_meta
+    import json
 
-    val = read_meta(best, "comgtir-itm")["val"]
+    history = json.loads((tmp_path / "itm" / "metrics.json").read_text())["history"]
+    trained = [h for h in history if h["step"] > 0]  # the start (= dense score) is validated too; judge training
+    assert trained
     # re-ranking the dense top-10 of 60 validation images: chance R@1 is the top-10's R@10 / 10
-    assert val["itm"]["R@1"] > 2 * val["dense"]["R@10"] / 10, val
+    chance = trained[0]["dense"]["R@10"] / 10
+    assert max(h["itm"]["R@1"] for h in trained) > 2 * chance, trained
 
 
 def test_blip_itm_path_on_a_tiny_random_blip():

@@ -32,9 +32,9 @@ from retriever.ret.token_index import TokenIndex
 
 @dataclass
 class BenchConfig:
-    sizes: list = field(default_factory=lambda: [1000, 10000, 100000])
+    sizes: list[int] = field(default_factory=lambda: [1000, 10000, 100000])
     n_queries: int = 20
-    n_topics: int = 4096
+    topics_per_passage: float = 4.0  # distinct token "topics" per passage: ~8 tokens share a topic at any size
     tokens: int = 32
     dim: int = 128
     nlist: int = 1024
@@ -46,11 +46,12 @@ class BenchConfig:
 
 
 def synthetic(n: int, cfg: BenchConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    topics = rng.standard_normal((cfg.n_topics, cfg.dim), dtype=np.float32)
+    n_topics = max(64, int(cfg.topics_per_passage * n))
+    topics = rng.standard_normal((n_topics, cfg.dim), dtype=np.float32)
     passages = np.empty((n, cfg.tokens, cfg.dim), dtype=np.float16)
     for i in range(0, n, 5000):  # in blocks: 100K float32 passages would need 1.6 GB at once
         m = min(5000, n - i)
-        block = topics[rng.integers(cfg.n_topics, size=(m, cfg.tokens))]
+        block = topics[rng.integers(n_topics, size=(m, cfg.tokens))]
         block += rng.standard_normal(block.shape, dtype=np.float32)
         passages[i:i + m] = block / np.linalg.norm(block, axis=-1, keepdims=True)
     queries = passages[rng.integers(n, size=cfg.n_queries)].astype(np.float32)

@@ -72,3 +72,17 @@ def test_rerun_with_other_settings_is_refused(mir_run):
     changed[changed.index("--seed") + 1] = "1"
     with pytest.raises(InputError, match="seed"):
         genir.main(changed)
+
+
+def test_stored_dialogues_replay_under_chatir_protocol(mir_run, shapes_world, dense_checkpoint, tmp_path):
+    """A run's dialogues.json is ChatIR's layout; round 0 of the replay is the loop's round 0 (same first query)."""
+    from mir import evaluate_dialogues
+
+    out, _ = mir_run
+    metrics = evaluate_dialogues.main([
+        "--dialogues_json", str(out / "text-only" / "dialogues.json"),
+        "--search_space_json", str(shapes_world / "chatir" / "search_space_test.json"), "--image_root", str(shapes_world),
+        "--dense_checkpoint", str(dense_checkpoint), "--output_dir", str(tmp_path / "replay")])
+    rows = RecordStore(out / "text-only" / "records.jsonl").rows
+    loop_r0 = 100 * sum(r["rank"] < 10 for r in rows if r["round"] == 0) / 6
+    assert len(metrics["Hits@10"]) == 3 and metrics["Hits@10"][0] == loop_r0 and metrics["N"] == 6

@@ -7,6 +7,7 @@ reused. Embedding functions still run from tokens (`encode_*_from_tokens`), the 
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Mapping
 
@@ -63,7 +64,8 @@ def token_bank(encoder: ImageTokens, images: Mapping[str, Path], cache_path: str
     tokens = torch.cat(chunks)
     if cache_path is not None:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_name(cache_path.name + ".tmp")
+        # A private temporary name: several processes may build the same cache at once; the last rename wins.
+        tmp = cache_path.with_name(f".{cache_path.name}.{os.getpid()}.tmp")
         torch.save({"fingerprint": fingerprint, "names": names, "tokens": tokens}, tmp)
         tmp.replace(cache_path)
     return TokenBank(names, tokens)

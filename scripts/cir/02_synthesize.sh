@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/common.sh
 
-MAX_PAIRS=$(fast_or 256 6000)
+MAX_PAIRS=$(fast_or 192 6000)
 MAX_NEW_TOKENS=$(fast_or 24 32)
 
 "$PYTHON" -m cir.synthesize --config configs/cir/shapes_synthesize.yaml \

@@ -32,7 +32,7 @@ def test_mining_ranks_like_evaluation(shapes_world, round0_retriever):
     ranked = rank_gallery(scores, gallery, triplets)  # the evaluation's ranking (cir.metrics)
     missed = [t for t, r in zip(triplets, ranked) if r[0] != t.target]
     assert stats["missed_top1"] == len(records) == len(missed)
-    assert 0 < len(records) < len(triplets)
+    assert 0 < len(records) <= len(triplets)  # a briefly trained round-0 model may miss every top-1
     by_id = {t.pairid: (t, r) for t, r in zip(triplets, ranked)}
     for rec in records:
         t, r = by_id[rec["pairid"]]

@@ -254,8 +254,8 @@ def main(argv: Sequence[str] | None = None, mode: str | None = None) -> Path:
     seed_everything(cfg.seed)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    torch.set_grad_enabled(False)
-    out = MIRRun(cfg).run()
+    with torch.no_grad():  # inference only; a context, so callers (and tests) keep their grad mode
+        out = MIRRun(cfg).run()
     print(f"mir {cfg.mode}: records in {out / 'records.jsonl'}")
     return out
 

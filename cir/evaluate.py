@@ -19,6 +19,7 @@ from cir.features import TokenBank, token_bank
 from cir.metrics import cirr_metrics, write_cirr_submission
 from cir.retriever import ComposedRetriever
 from core.config import parse_config, save_config
+from core.device import set_threads
 from core.errors import InputError
 from core.io import read_json
 from core.logging import format_table, write_metrics
@@ -37,7 +38,7 @@ class EvalConfig:
     submission_row: str = "pretrain+ptha"  # whose CIRR test-server files to write ("" = none)
     summary: str = ""  # results.json of the main job ("" = do not write)
     stage: str = "cir"
-    threads: int = 1  # torch CPU threads; 1 avoids OpenMP spin-waits on a shared, loaded CPU (0 = torch default)
+    threads: int = 0  # torch CPU threads; 0 = one per core, 1 when the CPU is shared with other busy jobs
 
 
 @torch.no_grad()
@@ -62,8 +63,7 @@ def evaluate_model(model: ComposedRetriever, split: CIRSplit, bank: TokenBank) -
 
 def main(argv: Sequence[str] | None = None) -> dict:
     cfg = parse_config(EvalConfig, argv)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     if not cfg.rows:
         raise InputError("command line", "rows", "name at least one row: --rows '{\"row\": \"folder\"}'")
     for row, folder in cfg.rows.items():

@@ -20,7 +20,7 @@ import torch
 from cir.data import cirr_files, load_cirr, load_cirr_sets
 from cir.features import TokenBank, token_bank
 from core.config import parse_config, save_config
-from core.device import seed_everything
+from core.device import seed_everything, set_threads
 from core.io import atomic_dir, atomic_write_json, read_json
 from core.logging import progress
 from core.modtext import ModificationTextGenerator, load_modification_generator
@@ -41,14 +41,13 @@ class SynthConfig:
     num_beams: int = 1
     batch_size: int = 256
     seed: int = 0
-    threads: int = 1  # torch CPU threads; 1 avoids OpenMP spin-waits on a shared, loaded CPU (0 = torch default)
+    threads: int = 0  # torch CPU threads; 0 = one per core, 1 when the CPU is shared with other busy jobs
     overwrite: bool = False
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     cfg = parse_config(SynthConfig, argv)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     out = Path(cfg.output_dir)
     gen = load_modification_generator(cfg.generator)
     manifest_path = out / "synthetic.json"

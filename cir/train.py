@@ -24,7 +24,7 @@ from cir.retriever import ComposedRetriever, build_shapes_retriever, load_pretra
 from core.checkpoint import BEST, LAST, BestTracker, resume, save_checkpoint
 from core.config import parse_config, save_config
 from core.data import epoch_batches
-from core.device import get_device, seed_everything
+from core.device import get_device, seed_everything, set_threads
 from core.errors import InputError
 from core.io import read_json
 from core.logging import Tracker, progress, write_metrics
@@ -60,7 +60,7 @@ class TrainConfig:
     warmup_steps: int = 20
     max_triplets: int = 0  # use only the first N training triplets (0 = all)
     seed: int = 0
-    threads: int = 1  # torch CPU threads; 1 avoids OpenMP spin-waits on a shared, loaded CPU (0 = torch default)
+    threads: int = 0  # torch CPU threads; 0 = one per core, 1 when the CPU is shared with other busy jobs
     resume: bool = True
     overwrite: bool = False
 
@@ -71,8 +71,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 def run(cfg: TrainConfig) -> dict:
     """Train one retriever as `cfg` says (or return the metrics of the finished run in cfg.output_dir)."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     if cfg.objective not in OBJECTIVES:
         raise InputError("config", "objective", f"must be one of {OBJECTIVES}, got {cfg.objective!r}")
     out = Path(cfg.output_dir)

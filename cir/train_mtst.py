@@ -24,7 +24,7 @@ from cir.features import TokenBank, token_bank
 from cir.metrics import generation_scores
 from core.checkpoint import BEST
 from core.config import parse_config, save_config
-from core.device import get_device, seed_everything
+from core.device import get_device, seed_everything, set_threads
 from core.errors import InputError
 from core.io import read_json
 from core.logging import Tracker, format_table, progress, write_metrics
@@ -60,14 +60,13 @@ class MTSTConfig:
     max_new_tokens: int = 32
     num_beams: int = 1
     seed: int = 0
-    threads: int = 1  # torch CPU threads; 1 avoids OpenMP spin-waits on a shared, loaded CPU (0 = torch default)
+    threads: int = 0  # torch CPU threads; 0 = one per core, 1 when the CPU is shared with other busy jobs
     overwrite: bool = False  # retrain even if output_dir holds a finished run
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     cfg = parse_config(MTSTConfig, argv)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     out = Path(cfg.output_dir)
     if (out / "metrics.json").is_file() and (out / BEST / "meta.json").is_file() and not cfg.overwrite:
         print(f"[mtst] {out} is finished; reusing it (--overwrite true to retrain)")

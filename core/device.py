@@ -35,3 +35,15 @@ def derive_seed(*parts: object) -> int:
 
     digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def set_threads(threads: int) -> None:
+    """Torch CPU threads for this process: 0 keeps torch's default (one per core).
+
+    Every stage takes a `threads` setting and passes it here, so the choice lives in one place. One thread
+    is the better choice only when the CPU is shared with other busy processes (OpenMP spin-waits).
+    """
+    if threads < 0:
+        raise ValueError(f"threads must be >= 0, got {threads}")
+    if threads:
+        torch.set_num_threads(threads)

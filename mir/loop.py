@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from core.config import config_to_dict, parse_config, save_config
-from core.device import derive_seed, get_device, seed_everything
+from core.device import derive_seed, get_device, seed_everything, set_threads
 from core.errors import InputError
 from core.io import atomic_write_json, read_json
 from core.logging import progress
@@ -63,7 +63,7 @@ class MIRConfig:
     user_max_new_tokens: int = 32
     batch_size: int = 64
     seed: int = 0
-    threads: int = 1  # torch CPU threads (0: torch's default); 1 is fastest on a shared 2-core CPU
+    threads: int = 0  # torch CPU threads; 0 = one per core, 1 when the CPU is shared with other busy jobs
 
 
 @dataclass
@@ -252,8 +252,7 @@ def main(argv: Sequence[str] | None = None, mode: str | None = None) -> Path:
     if mode is not None:
         cfg.mode = mode
     seed_everything(cfg.seed)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     with torch.no_grad():  # inference only; a context, so callers (and tests) keep their grad mode
         out = MIRRun(cfg).run()
     print(f"mir {cfg.mode}: records in {out / 'records.jsonl'}")

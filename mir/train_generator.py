@@ -23,7 +23,7 @@ from PIL import Image
 from core.checkpoint import BEST, LAST, read_meta, resume, save_checkpoint
 from core.config import parse_config, save_config
 from core.data import epoch_batches, load_karpathy
-from core.device import autocast, derive_seed, get_device, seed_everything
+from core.device import autocast, derive_seed, get_device, seed_everything, set_threads
 from core.encoders import load_dual_encoder
 from core.logging import Tracker, progress, write_metrics
 from core.results import update_summary
@@ -53,7 +53,7 @@ class TrainGeneratorConfig:
     image_size: int = 64  # generated images are up-sampled to the dense encoder's input size
     sample_every: int = 0  # write a sheet of EMA samples every this many steps (0: only at the end)
     seed: int = 0
-    threads: int = 1  # torch CPU threads (0: torch's default); 1 is fastest on a shared 2-core CPU
+    threads: int = 0  # torch CPU threads; 0 = one per core, 1 when the CPU is shared with other busy jobs
     resume: bool = True
     summary: str = ""  # results.json to add the row mir/generator to (empty: none)
     wandb_project: str = "genretrieval"
@@ -113,8 +113,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         print(f"generator already trained for {cfg.steps} steps: {best}")
         return _read_metrics(out)
     seed_everything(cfg.seed)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     device = get_device()
     encoder = load_dual_encoder(cfg.dense_checkpoint)
     conditioner = TextConditioner(encoder).to(device).eval().requires_grad_(False)

@@ -45,6 +45,7 @@ class TrainIterativeConfig:
     epochs_per_round: int = 2
     warmup_steps: int = 10
     eval_batch_size: int = 256
+    checkpoint_every: int = 50              # steps between a round's checkpoint-last/ saves (0 = after each epoch only)
     # outputs and resumption
     experiment_dir: str = ""                # default experiments/{model_backbone}_{dataset_name}_iterative
     auto_resume: bool = False               # continue a killed run: reuse every round whose manifest matches

@@ -10,6 +10,8 @@ on --auto_resume only when that manifest matches. Reads the CIRR layout under --
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,7 +25,7 @@ from cir.iterative.evaluate import evaluate_split
 from cir.iterative.foundation import check_foundation_args, foundation_settings, load_foundation_model
 from cir.iterative.retrieval import mine_hard_negatives
 from cir.iterative.text_filter import TextFilter
-from cir.iterative.trainer import train_round
+from cir.iterative.trainer import discard_round_state, train_round
 from core.config import config_to_dict, parse_config, save_config
 from core.device import get_device, seed_everything
 from core.errors import InputError
@@ -43,6 +45,11 @@ def checkpoint_dir(exp: Path, round_index: int) -> Path:
     return exp / f"checkpoint_iter_{round_index}"
 
 
+def training_state_dir(exp: Path, round_index: int) -> Path:
+    """Round N's in-round checkpoint-last/ (scratch: removed once checkpoint_iter_N/ is written)."""
+    return exp / f"training_iter_{round_index}"
+
+
 def round_model_path(exp: Path, cfg: TrainIterativeConfig, round_index: int) -> str:
     return cfg.model_path if round_index == 0 else str(checkpoint_dir(exp, round_index))
 
@@ -60,6 +67,8 @@ def validate_config(cfg: TrainIterativeConfig) -> None:
                  "generation_batch_size", "augment_per_query", "max_text_words"):
         if getattr(cfg, name) < 1:
             raise InputError("command line", name, "must be at least 1")
+    if cfg.checkpoint_every < 0:
+        raise InputError("command line", "checkpoint_every", "must be 0 (after each epoch only) or a number of steps")
     if not 0 <= cfg.resume_from_iteration <= cfg.num_iterations:
         raise InputError("command line", "resume_from_iteration", f"must be in 0..{cfg.num_iterations}")
 
@@ -74,6 +83,28 @@ def check_experiment_state(cfg: TrainIterativeConfig, exp: Path) -> None:
         if not previous.is_file():
             raise InputError(previous, "resume_from_iteration",
                              f"round {cfg.resume_from_iteration - 1} has no finished checkpoint to resume from")
+
+
+def clean_stale_temporaries(exp: Path) -> int:
+    """Leftovers of a killed run's atomic writes (core.io): `.{name}.*.tmp` files and folders are half-written and
+    removed; a `.{name}.old` folder is the complete previous version, put back if `{name}` itself is missing (a kill
+    between atomic_dir's two renames) and removed otherwise. Returns how many entries were removed."""
+    removed = 0
+    for folder in [exp, *sorted(exp.glob("training_iter_*"))]:
+        for entry in sorted(folder.glob(".*")):
+            if entry.name.endswith(".old") and entry.is_dir():
+                target = entry.with_name(entry.name[1:-len(".old")])
+                if not target.exists():
+                    os.replace(entry, target)
+                    log.info("restored %s from its previous version (killed mid-replace)", target)
+                    continue
+            elif not entry.name.endswith(".tmp"):
+                continue
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+            removed += 1
+    if removed:
+        log.info("removed %d half-written temporary file(s) of a killed run", removed)
+    return removed
 
 
 class RoundLoop:
@@ -177,8 +208,12 @@ class RoundLoop:
             if stored.get("manifest") == expected:
                 log.info("round %d: checkpoint reused from %s (manifest matches)", n, folder.name)
                 return stored["training"]
+        state_dir = training_state_dir(self.exp, n)
+        if not reuse:
+            discard_round_state(state_dir)  # --resume_from_iteration: this round is redone from its start
         triplets = self.training_set(n, hard_negatives)
         model = self.model_of(n - 1)  # restart from the previous round's best weights, fresh optimizer and schedule
+        self.model_round = None  # the weights in memory change from here on: no longer round n-1's
         seed_everything(cfg.seed + n)
         result = train_round(
             model, self.corpus, triplets, epochs=1 if cfg.fast_mode else cfg.epochs_per_round,
@@ -186,11 +221,13 @@ class RoundLoop:
             warmup_steps=cfg.warmup_steps, temperature=self.temperature(model),
             negatives_per_query=cfg.negatives_per_query, seed=cfg.seed, round_index=n,
             validate=lambda m: evaluate_split(m, self.corpus, self.val_triplets, self.val_gallery, cfg.eval_batch_size),
-            log=lambda metrics, step: self.tracker.log({f"round{n}/{k}": v for k, v in metrics.items()}))
+            log=lambda metrics, step: self.tracker.log({f"round{n}/{k}": v for k, v in metrics.items()}),
+            state_dir=state_dir, save_every=cfg.checkpoint_every, manifest=expected)
         result["augmented_in_training"] = sum(t.source != "original" for t in triplets)
         with atomic_dir(folder) as tmp:
             model.save_pretrained(tmp)
             atomic_write_json(tmp / ROUND_FILE, {"stage": STAGE, "round": n, "manifest": expected, "training": result})
+        discard_round_state(state_dir)
         # The weights in memory are now round n's best: later steps of round n+1 use them without reloading.
         self.model_round = n
         log.info("round %d: best validation Avg %.2f", n, result["best_val_Avg"])
@@ -234,6 +271,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     validate_config(cfg)
     exp = experiment_dir(cfg)
     check_experiment_state(cfg, exp)
+    if exp.is_dir():
+        clean_stale_temporaries(exp)
     seed_everything(cfg.seed)
     loop = RoundLoop(cfg, exp)  # reads and checks the data before anything is written
     save_config(cfg, exp / "config.yaml")

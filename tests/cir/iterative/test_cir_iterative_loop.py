@@ -1,34 +1,60 @@
-"""The iterative loop end to end on the tiny Shapes world: rounds 1-3 from a trained composed retriever, a run killed
-in round 2 that resumes in round 2 with --auto_resume (round 1 not re-mined), manifests that invalidate a cache when
-the config changes, and eval_iterative's rows. The foundation model is a tiny random Qwen2-VL (real class, no hub)."""
+"""The iterative loop end to end on the tiny Shapes world: rounds 1-3 from a trained composed retriever; a run
+SIGKILLed in round 2 (while writing a mid-epoch checkpoint) that resumes in round 2 with --auto_resume, at the step of
+its last complete in-round checkpoint, without re-mining round 1; manifests that invalidate a cache when the config
+changes; and eval_iterative's rows, which must beat chance clearly. The foundation model is a tiny random Qwen2-VL
+(real class, no hub)."""
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
+import signal
+import subprocess
+import sys
 
 import pytest
 
 from cir.iterative import augment, eval_iterative
 from cir.iterative import train_iterative as ti
+from core.checkpoint import LAST, read_meta
 from core.errors import InputError
 
+# Run train_iterative in a child process that SIGKILLs itself in round 2 while checkpoint-last/ of step KILL_STEP is
+# half written (model and optimizer state on disk in the temporary folder, meta.json not yet): a real kill at the
+# worst moment, at a deterministic point.
+KILL_STEP = 4
+CHILD = f"""
+import os, signal, sys
+from cir.iterative import trainer, train_iterative
+real_save = trainer.save_checkpoint
 
-class Killed(Exception):
-    """Stands in for the process being killed mid-round."""
+def save(folder, **kw):
+    if "training_iter_2" in str(folder) and kw["step"] == {KILL_STEP}:
+        inner = kw["model_files"]
+        def die(tmp):
+            inner(tmp)
+            os.kill(os.getpid(), signal.SIGKILL)
+        kw["model_files"] = die
+    return real_save(folder, **kw)
+
+trainer.save_checkpoint = save
+train_iterative.main(sys.argv[1:])
+"""
 
 
 def _args(world, model, foundation, exp, *extra):
     return ["--data_dir", str(world / "cirr"), "--model_path", str(model), "--foundation_model_backbone", "qwen2_vl",
             "--foundation_model_path", str(foundation), "--experiment_dir", str(exp), "--num_iterations", "3",
-            "--epochs_per_round", "1", "--batch_size", "32", "--hard_negative_k", "3", "--max_augment_per_round", "24",
-            "--generation_batch_size", "12", "--max_new_tokens", "5", "--learning_rate", "2e-4", "--warmup_steps", "2",
-            "--wandb", "false", *extra]
+            "--epochs_per_round", "2", "--checkpoint_every", "2", "--batch_size", "32", "--hard_negative_k", "3",
+            "--max_augment_per_round", "24", "--generation_batch_size", "12", "--max_new_tokens", "5",
+            "--learning_rate", "2e-4", "--warmup_steps", "2", "--wandb", "false", *extra]
 
 
 @pytest.fixture
 def spies(monkeypatch):
     """Which round mined, generated and trained (the inner work, not the cached reads)."""
-    calls = {"mine": [], "generate": [], "train": [], "kill_round": None}
+    calls = {"mine": [], "generate": [], "train": []}
     current = {}
     real = {"mine": ti.RoundLoop.mine, "inner_mine": ti.mine_hard_negatives,
             "generate": augment.generate_augmented, "train": ti.train_round}
@@ -46,8 +72,6 @@ def spies(monkeypatch):
         return real["generate"](*a, **k)
 
     def train(*a, **k):
-        if k["round_index"] == calls["kill_round"]:
-            raise Killed(f"killed in round {k['round_index']}")
         calls["train"].append(k["round_index"])
         return real["train"](*a, **k)
 
@@ -58,28 +82,57 @@ def spies(monkeypatch):
     return calls
 
 
-def test_killed_in_round_2_resumes_there_and_rounds_are_evaluated(shapes_world, round0_retriever, tiny_qwen2vl,
-                                                                   tmp_path, spies):
-    exp = tmp_path / "exp"
-    args = _args(shapes_world, round0_retriever, tiny_qwen2vl, exp)
-    spies["kill_round"] = 2
-    with pytest.raises(Killed):
-        ti.main(args)
-    assert spies["mine"] == [1, 2] and spies["generate"] == [1, 2] and spies["train"] == [1]
+ROUND_FILES = ["hard_negatives_iter_1.json", "augmented_samples_iter_1.json", "checkpoint_iter_1/iteration.json",
+               "checkpoint_iter_1/model.pt", "hard_negatives_iter_2.json", "augmented_samples_iter_2.json"]
+
+
+def _kill_in_round_2(args, exp):
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    proc = subprocess.run([sys.executable, "-c", CHILD, *args], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert "round 1: best validation" in proc.stderr and "round 2: best validation" not in proc.stderr
+    state = exp / "training_iter_2"
+    # the complete checkpoint before the kill survives; the one being written is a half-written temporary folder
+    assert read_meta(state / LAST)["step"] == KILL_STEP - 2
+    torn = [p for p in state.glob(f".{LAST}.*.tmp")]
+    assert len(torn) == 1 and (torn[0] / "model.pt").is_file() and not (torn[0] / "meta.json").exists()
     assert (exp / "checkpoint_iter_1" / ti.ROUND_FILE).is_file() and not (exp / "checkpoint_iter_2").exists()
+    for path in exp.glob("*.json"):  # no final file name holds half a file
+        json.loads(path.read_text())
     for name in ("hard_negatives_iter_1.json", "augmented_samples_iter_1.json", "hard_negatives_iter_2.json"):
         assert "manifest" in json.loads((exp / name).read_text())
+
+
+def test_killed_in_round_2_resumes_there_and_rounds_are_evaluated(shapes_world, round0_retriever, tiny_qwen2vl,
+                                                                   tmp_path, spies, caplog):
+    exp = tmp_path / "exp"
+    args = _args(shapes_world, round0_retriever, tiny_qwen2vl, exp)
+    _kill_in_round_2(args, exp)
+    mtimes = {name: (exp / name).stat().st_mtime_ns for name in ROUND_FILES}
 
     with pytest.raises(InputError, match="auto_resume"):  # never silently over an existing experiment
         ti.main(args)
 
-    for key in ("mine", "generate", "train"):
-        spies[key].clear()
-    spies["kill_round"] = None
-    summary = ti.main(args + ["--auto_resume", "true"])
-    # resumed in round 2: round 1 not re-mined, round 2's finished mining and generation reused, training redone
+    with caplog.at_level(logging.INFO, logger="cir.iterative"):
+        summary = ti.main(args + ["--auto_resume", "true"])
+    # resumed in round 2: round 1 neither re-mined, re-generated nor retrained (its files untouched), round 2's
+    # mining and generation reused, its training continued from the last complete checkpoint
     assert spies["mine"] == [3] and spies["generate"] == [3] and spies["train"] == [2, 3]
+    assert {name: (exp / name).stat().st_mtime_ns for name in ROUND_FILES} == mtimes
+    log = caplog.text
+    assert "round 1: hard negatives reused" in log and "round 1: checkpoint reused" in log
+    assert "round 2: hard negatives reused" in log and "round 2: augmented samples reused" in log
+    assert f"round 2: training resumed from step {KILL_STEP - 2} of" in log
+    assert "removed 1 half-written temporary" in log
+    training = json.loads((exp / "checkpoint_iter_2" / ti.ROUND_FILE).read_text())["training"]
+    assert training["resumed_from_step"] == KILL_STEP - 2 and training["steps"] > KILL_STEP
+    assert json.loads((exp / "checkpoint_iter_3" / ti.ROUND_FILE).read_text())["training"]["resumed_from_step"] == 0
     assert set(summary) == {"round1", "round2", "round3"}
+    for n in (1, 2, 3):
+        assert (exp / f"checkpoint_iter_{n}" / ti.ROUND_FILE).is_file()
+        assert (exp / f"hard_negatives_iter_{n}.json").is_file() and (exp / f"augmented_samples_iter_{n}.json").is_file()
+    assert not list(exp.glob("training_iter_*"))  # in-round checkpoints are scratch once the round is written
+    assert not [p for p in exp.rglob("*") if p.name.endswith((".tmp", ".old"))]
 
     aug = json.loads((exp / "augmented_samples_iter_1.json").read_text())["data"]
     stats = aug["stats"]

@@ -7,17 +7,22 @@ CIRR (rc2): `captions/cap.rc2.{split}.json` = `[{"pairid", "reference", "target_
 
 FashionIQ: `captions/cap.{category}.{split}.json` = `[{"candidate", "target", "captions": [c1, c2]}]` and
 `image_splits/split.{category}.{split}.json` = `[name, ...]`, images at `images/{name}{ext}`.
+
+`load_cir_split(dataset, ...)` is the one place training and evaluation choose between the two: it returns the
+evaluation units of a split (CIRR: the split; FashionIQ: one split per category, each with its own gallery), and
+`merge_splits` concatenates them into one training set.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from core.errors import InputError
 from core.io import read_json
 
 FASHIONIQ_CATEGORIES = ("dress", "shirt", "toptee")
+DATASETS = ("cirr", "fashioniq")
 
 
 @dataclass(frozen=True)
@@ -54,7 +59,7 @@ def load_cirr(root: str | Path, split: str, image_root: str | Path | None = None
     """A CIRR-layout split; every reference, target and subset member must be an image of the split."""
     root = Path(root)
     cap_path, split_path = cirr_files(root, split)
-    image_root = Path(image_root) if image_root is not None else root / "img_raw"
+    image_root = Path(image_root) if image_root is not None else default_image_root("cirr", root)
     images = _cirr_images(split_path, image_root, check_files)
     rows = read_json(cap_path)
     if not isinstance(rows, list):
@@ -63,7 +68,7 @@ def load_cirr(root: str | Path, split: str, image_root: str | Path | None = None
     if not rows:
         raise InputError(cap_path, None, "no triplets")
     triplets = [_cirr_triplet(cap_path, split_path, i, row, images, require_targets) for i, row in enumerate(rows)]
-    return CIRSplit(triplets, images, name=f"cirr/{split}")
+    return CIRSplit(triplets, images, name=f"cirr/{split}", meta={"dataset": "cirr"})
 
 
 def _cirr_images(path: Path, image_root: Path, check_files: bool) -> dict[str, Path]:
@@ -133,13 +138,14 @@ def join_fashioniq_captions(captions: list[str]) -> str:
 
 def load_fashioniq(root: str | Path, category: str, split: str, image_root: str | Path | None = None,
                    image_ext: str = ".png", check_files: bool = True) -> CIRSplit:
-    """One FashionIQ category and split; the gallery is that category's image split."""
+    """One FashionIQ category and split; the gallery is that category's image split. Pair ids are
+    "{category}/{row}", unique across categories (PTHA's reverse texts are matched on them)."""
     root = Path(root)
-    if category not in FASHIONIQ_CATEGORIES:
-        raise InputError(root, "category", f"unknown category {category!r}; expected one of {FASHIONIQ_CATEGORIES}")
     cap_path = root / "captions" / f"cap.{category}.{split}.json"
     split_path = root / "image_splits" / f"split.{category}.{split}.json"
-    image_root = Path(image_root) if image_root is not None else root / "images"
+    if category not in FASHIONIQ_CATEGORIES:
+        raise InputError(cap_path, "category", f"unknown category {category!r}; expected one of {FASHIONIQ_CATEGORIES}")
+    image_root = Path(image_root) if image_root is not None else default_image_root("fashioniq", root)
     names = read_json(split_path)
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise InputError(split_path, None, "a FashionIQ image split is a non-empty list of image names")
@@ -163,5 +169,71 @@ def load_fashioniq(root: str | Path, category: str, split: str, image_root: str 
         for key in ("candidate", "target"):
             if row[key] not in images:
                 raise InputError(cap_path, f"[{i}].{key}", f"image {row[key]!r} is not in {split_path}")
-        triplets.append(CIRTriplet(i, row["candidate"], join_fashioniq_captions(row["captions"]), row["target"]))
-    return CIRSplit(triplets, images, name=f"fashioniq/{category}/{split}")
+        triplets.append(CIRTriplet(f"{category}/{i}", row["candidate"], join_fashioniq_captions(row["captions"]),
+                                   row["target"]))
+    return CIRSplit(triplets, images, name=f"fashioniq/{category}/{split}",
+                    meta={"dataset": "fashioniq", "category": category})
+
+
+# ---------------------------------------------------------------------------------------------- dataset choice
+def default_image_root(dataset: str, root: str | Path) -> Path:
+    """Where a dataset's images are when no image root is given: CIRR `{root}/img_raw`, FashionIQ `{root}/images`."""
+    return Path(root) / ("images" if dataset == "fashioniq" else "img_raw")
+
+
+def _check_choice(dataset: str, categories: Sequence[str]) -> None:
+    if dataset not in DATASETS:
+        raise InputError("config", "dataset", f"unknown dataset {dataset!r}; expected one of {DATASETS}")
+    if dataset == "fashioniq":
+        if not categories:
+            raise InputError("config", "categories", f"name at least one FashionIQ category {FASHIONIQ_CATEGORIES}")
+        if len(set(categories)) != len(categories):
+            raise InputError("config", "categories", f"a category is named twice: {list(categories)}")
+
+
+def load_cir_split(dataset: str, root: str | Path, split: str, categories: Sequence[str] = FASHIONIQ_CATEGORIES,
+                   image_root: str | Path | None = None, require_targets: bool = True) -> list[CIRSplit]:
+    """The evaluation units of one split: CIRR → [the split] (one gallery); FashionIQ → one CIRSplit per category,
+    each against its own category's gallery (`meta["category"]`). Every file is validated before anything runs."""
+    _check_choice(dataset, categories)
+    if dataset == "cirr":
+        return [load_cirr(root, split, image_root, require_targets=require_targets)]
+    return [load_fashioniq(root, category, split, image_root) for category in categories]
+
+
+def merge_splits(parts: Sequence[CIRSplit]) -> CIRSplit:
+    """One training set from a split's units: triplets concatenated, galleries united (each triplet still names
+    its own images). A single unit is returned as it is."""
+    if len(parts) == 1:
+        return parts[0]
+    images: dict[str, Path] = {}
+    for part in parts:
+        for name, file in part.images.items():
+            if images.setdefault(name, file) != file:
+                raise InputError(file, name, f"image name also used for {images[name]} in another category")
+    return CIRSplit([t for p in parts for t in p.triplets], images, name="+".join(p.name for p in parts),
+                    meta={"dataset": parts[0].meta.get("dataset"), "parts": [p.name for p in parts]})
+
+
+def cache_key(dataset: str, root: str | Path, split: str, categories: Sequence[str] = FASHIONIQ_CATEGORIES) -> str:
+    """File stem of a split's image-token cache (CIRR: `{root name}_{split}`, the name every CIR step shares)."""
+    if dataset == "fashioniq":
+        return f"{Path(root).name}_{'-'.join(categories)}_{split}"
+    return f"{Path(root).name}_{split}"
+
+
+def caption_texts(dataset: str, root: str | Path, split: str,
+                  categories: Sequence[str] = FASHIONIQ_CATEGORIES) -> list[str]:
+    """The query texts of a split's caption files that exist, unvalidated: vocabulary for a word tokenizer only."""
+    root = Path(root)
+    if dataset == "fashioniq":
+        texts = []
+        for category in categories:
+            path = root / "captions" / f"cap.{category}.{split}.json"
+            rows = read_json(path) if path.is_file() else []
+            texts += [join_fashioniq_captions(r["captions"]) for r in rows
+                      if isinstance(r, dict) and isinstance(r.get("captions"), list)]
+        return texts
+    path = cirr_files(root, split)[0]
+    rows = read_json(path) if path.is_file() else []
+    return [r["caption"] for r in rows if isinstance(r, dict) and isinstance(r.get("caption"), str)]

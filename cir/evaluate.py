@@ -1,9 +1,11 @@
-"""Evaluate composed retrievers with the CIRR protocol and add the stage's rows to the main job's summary.
+"""Evaluate composed retrievers with the benchmark's protocol and add the stage's rows to the main job's summary.
 
 `python -m cir.evaluate --rows '{"pretrain+ptha": "runs/shapes/cir/pretrain+ptha/checkpoint-best", ...}'` scores
 every row's model on the split (queries and gallery from cached frozen image tokens, through the same
 `encode_*_from_tokens` the training used), writes `{output_dir}/metrics.json`, the CIRR test-server files of
 `submission_row`, and, with `--summary`, merges the rows (and the MTST generation quality) into results.json.
+`--dataset fashioniq` scores each of `categories` against its own gallery (reference kept) and reports per-category
+R@10/R@50, their means and Avg = (R@10 + R@50)/2 (rows under stage "cir-fashioniq" unless `--stage` says otherwise).
 """
 from __future__ import annotations
 
@@ -14,9 +16,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from cir.data import CIRSplit, load_cirr
+from cir.data import FASHIONIQ_CATEGORIES, CIRSplit, cache_key, load_cir_split, merge_splits
 from cir.features import TokenBank, token_bank
-from cir.metrics import cirr_metrics, write_cirr_submission
+from cir.metrics import cirr_metrics, fashioniq_recall, fashioniq_summary, write_cirr_submission
 from cir.retriever import ComposedRetriever
 from core.config import parse_config, save_config
 from core.device import set_threads
@@ -28,16 +30,18 @@ from core.results import update_summary
 
 @dataclass
 class EvalConfig:
-    cirr_root: str = "data/shapes/cirr"
-    image_root: str = ""
-    split: str = "test"
+    dataset: str = "cirr"  # "cirr" (CIRR layout, Shapes included) or "fashioniq"
+    categories: list[str] = field(default_factory=lambda: list(FASHIONIQ_CATEGORIES))  # FashionIQ only
+    cirr_root: str = "data/shapes/cirr"  # the dataset's folder (captions/, image_splits/), CIRR or FashionIQ
+    image_root: str = ""  # default {cirr_root}/img_raw (CIRR) or {cirr_root}/images (FashionIQ)
+    split: str = "test"  # FashionIQ is evaluated on val
     rows: dict = field(default_factory=dict)  # row name → retriever folder
     output_dir: str = "runs/shapes/cir/eval"
     cache_dir: str = ""  # default {output_dir}/../features
     mtst_metrics: str = ""  # the generator's metrics.json, reported beside the rows ("" = none)
-    submission_row: str = "pretrain+ptha"  # whose CIRR test-server files to write ("" = none)
+    submission_row: str = "pretrain+ptha"  # whose CIRR test-server files to write ("" = none; CIRR only)
     summary: str = ""  # results.json of the main job ("" = do not write)
-    stage: str = "cir"
+    stage: str = ""  # results.json stage; default "cir" (CIRR) or "cir-fashioniq"
     threads: int = 0  # torch CPU threads; 0 = one per core, 1 when the CPU is shared with other busy jobs
 
 
@@ -57,8 +61,21 @@ def score_split(model: ComposedRetriever, split: CIRSplit, bank: TokenBank, batc
     return (torch.cat(queries) @ targets.T).cpu().numpy()
 
 
-def evaluate_model(model: ComposedRetriever, split: CIRSplit, bank: TokenBank) -> dict[str, float]:
-    return cirr_metrics(score_split(model, split, bank), split.gallery, split.triplets)
+def split_metrics(parts: Sequence[CIRSplit], scores: Sequence[np.ndarray]) -> dict[str, float]:
+    """The benchmark's metrics from each unit's scores: CIRR R@K/Rs@K/Avg, or FashionIQ per-category R@10/R@50
+    (reference kept in the gallery), their means and Avg. Both carry "Avg", the model-selection figure."""
+    if parts[0].meta.get("dataset") == "fashioniq":
+        return fashioniq_summary({p.meta["category"]: fashioniq_recall(s, p.gallery, p.triplets)
+                                  for p, s in zip(parts, scores)})
+    if len(parts) != 1:
+        raise ValueError(f"CIRR has one gallery per split, got {len(parts)} units")
+    return cirr_metrics(scores[0], parts[0].gallery, parts[0].triplets)
+
+
+def evaluate_model(model: ComposedRetriever, split: CIRSplit | Sequence[CIRSplit], bank: TokenBank) -> dict[str, float]:
+    """Metrics of `model` on a split (a CIRSplit, or the units `load_cir_split` returns); `bank` holds every image."""
+    parts = [split] if isinstance(split, CIRSplit) else list(split)
+    return split_metrics(parts, [score_split(model, p, bank) for p in parts])
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -69,17 +86,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for row, folder in cfg.rows.items():
         if not (Path(folder) / "meta.json").is_file():
             raise InputError(folder, f"rows.{row}", "not a retriever folder (meta.json is missing)")
-    split = load_cirr(cfg.cirr_root, cfg.split, cfg.image_root or None)
+    parts = load_cir_split(cfg.dataset, cfg.cirr_root, cfg.split, cfg.categories, cfg.image_root or None)
+    split = merge_splits(parts)  # every image of the split, for one token cache
     out = Path(cfg.output_dir)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else out.parent / "features"
+    cache_file = cache / f"{cache_key(cfg.dataset, cfg.cirr_root, cfg.split, cfg.categories)}.pt"
     results: dict[str, dict] = {}
     for row, folder in cfg.rows.items():
         model = ComposedRetriever.from_pretrained(folder)
-        bank = token_bank(model.image_encoder, split.images, cache / f"{Path(cfg.cirr_root).name}_{cfg.split}.pt")
-        scores = score_split(model, split, bank)
-        results[row] = cirr_metrics(scores, split.gallery, split.triplets)
-        if row == cfg.submission_row:
-            write_cirr_submission(out, scores, split.gallery, split.triplets, name=cfg.split)
+        bank = token_bank(model.image_encoder, split.images, cache_file)
+        scores = [score_split(model, p, bank) for p in parts]
+        results[row] = split_metrics(parts, scores)
+        if row == cfg.submission_row and cfg.dataset == "cirr":
+            write_cirr_submission(out, scores[0], split.gallery, split.triplets, name=cfg.split)
     summary_rows = dict(results)
     if cfg.mtst_metrics:
         gen = read_json(cfg.mtst_metrics)
@@ -87,10 +106,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
         summary_rows["mtst-generator"] = {k: v for k, v in test.items()
                                           if k in ("ROUGE-1", "ROUGE-L", "chance/ROUGE-L", "exact")}
     save_config(cfg, out / "config.yaml")
-    write_metrics(out, {"split": cfg.split, "n_queries": len(split.triplets), "n_gallery": len(split.gallery),
-                        "rows": summary_rows})
+    sizes = {"n_queries": len(split.triplets), "n_gallery": len(split.gallery)}
+    if cfg.dataset == "fashioniq":
+        sizes["per_category"] = {p.meta["category"]: {"n_queries": len(p.triplets), "n_gallery": len(p.gallery)}
+                                 for p in parts}
+    write_metrics(out, {"dataset": cfg.dataset, "split": cfg.split, **sizes, "rows": summary_rows})
     if cfg.summary:
-        update_summary(cfg.summary, cfg.stage, summary_rows)
+        update_summary(cfg.summary, cfg.stage or ("cir" if cfg.dataset == "cirr" else "cir-fashioniq"), summary_rows)
     print(format_table(summary_rows, title=f"CIR on {split.name} ({len(split.triplets)} queries, "
                                            f"{len(split.gallery)} images)"))
     return summary_rows

@@ -2,9 +2,11 @@
 L_q2t alone or with PTHA (L_q2t + L_t2t + α·L_p2p, reverse texts from the MTST generator).
 
 Each batch: the queries' own targets, then (with `subset_negatives`) every other member of each query's
-near-duplicate set as appended hard negatives; duplicate target images are not negatives (cir.losses). The model is
-selected on the val split's CIRR Avg; `checkpoint-last/` (optimizer, step, RNG) lets a killed run resume, and a run
-whose metrics.json is written is finished and not redone.
+near-duplicate set as appended hard negatives (FashionIQ has no sets: nothing is appended); duplicate target images
+are not negatives (cir.losses). The model is selected on the val split's Avg: CIRR's (R@5 + Rs@1)/2, or with
+`--dataset fashioniq` FashionIQ's (R@10 + R@50)/2 over `categories`, whose train splits are concatenated.
+`checkpoint-last/` (optimizer, step, RNG) lets a killed run resume, and a run whose metrics.json is written is
+finished and not redone.
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from cir.data import CIRSplit, CIRTriplet, load_cirr
+from cir.data import (FASHIONIQ_CATEGORIES, CIRSplit, CIRTriplet, cache_key, caption_texts, default_image_root,
+                      load_cir_split, merge_splits)
 from cir.evaluate import evaluate_model
 from cir.features import TokenBank, token_bank
 from cir.losses import prototype_alignment, ptha_loss, query_target_contrastive
@@ -34,12 +37,15 @@ OBJECTIVES = ("q2t", "ptha")
 
 @dataclass
 class TrainConfig:
-    cirr_root: str = "data/shapes/cirr"  # the annotated data (CIRR layout): val for model selection, vocabulary
-    image_root: str = ""  # default {cirr_root}/img_raw; also the image root of `train_root`
+    dataset: str = "cirr"  # layout and protocol: "cirr" (CIRR layout, Shapes included) or "fashioniq"
+    categories: list[str] = field(default_factory=lambda: list(FASHIONIQ_CATEGORIES))  # FashionIQ only
+    cirr_root: str = "data/shapes/cirr"  # the annotated data (CIRR or FashionIQ folder): val for selection, vocabulary
+    image_root: str = ""  # default {cirr_root}/img_raw (FashionIQ: /images); also the image root of `train_root`
     train_root: str = ""  # where the training triplets are (default cirr_root; the synthetic folder to pretrain)
     train_split: str = "train"
     val_split: str = "val"
-    reverse_root: str = ""  # PTHA: folder holding cap.rc2.{train_split}_reverse.json (the synthesis output)
+    reverse_root: str = ""  # PTHA: folder holding cap.rc2.{train_split}_reverse.json (the synthesis output);
+    # FashionIQ: cap.{category}.{train_split}_reverse.json, row i reversing row i of the train file
     data_json: str = ""  # Karpathy captions, added to the Shapes tokenizer's vocabulary ("" = none)
     dense_checkpoint: str = "runs/shapes/dense/checkpoint-best"  # frozen image encoder (Shapes)
     pretrained: str = ""  # real data: an InstructBLIP name whose ViT and Q-Former start the retriever
@@ -79,19 +85,24 @@ def run(cfg: TrainConfig) -> dict:
         print(f"[cir.train] {out} is finished; reusing it (--overwrite true to retrain)")
         return read_json(out / "metrics.json")
     seed_everything(cfg.seed)
-    image_root = cfg.image_root or str(Path(cfg.cirr_root) / "img_raw")
-    train = load_cirr(cfg.train_root or cfg.cirr_root, cfg.train_split, image_root)
+    image_root = cfg.image_root or str(default_image_root(cfg.dataset, cfg.cirr_root))
+    train = merge_splits(_load(cfg, cfg.train_root or cfg.cirr_root, cfg.train_split, image_root))
     if cfg.max_triplets:
         train.triplets = train.triplets[:cfg.max_triplets]
-    val = load_cirr(cfg.cirr_root, cfg.val_split, image_root)
+    val = _load(cfg, cfg.cirr_root, cfg.val_split, image_root)  # FashionIQ: one unit per category
     reverse = _reverse_texts(cfg, train, image_root) if cfg.objective == "ptha" else None
     device = get_device()
     model = _build(cfg, train).to(device)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else out.parent / "features"
-    name = Path(cfg.cirr_root).name
-    bank = token_bank(model.image_encoder, train.images, cache / f"{name}_{cfg.train_split}.pt")
-    val_bank = token_bank(model.image_encoder, val.images, cache / f"{name}_{cfg.val_split}.pt")
+    bank = token_bank(model.image_encoder, train.images,
+                      cache / f"{cache_key(cfg.dataset, cfg.cirr_root, cfg.train_split, cfg.categories)}.pt")
+    val_bank = token_bank(model.image_encoder, merge_splits(val).images,
+                          cache / f"{cache_key(cfg.dataset, cfg.cirr_root, cfg.val_split, cfg.categories)}.pt")
     return fit(model, train, bank, val, val_bank, reverse, cfg)
+
+
+def _load(cfg: TrainConfig, root: str, split: str, image_root: str) -> list[CIRSplit]:
+    return load_cir_split(cfg.dataset, root, split, cfg.categories, image_root)
 
 
 def _build(cfg: TrainConfig, train: CIRSplit) -> ComposedRetriever:
@@ -101,9 +112,8 @@ def _build(cfg: TrainConfig, train: CIRSplit) -> ComposedRetriever:
     if cfg.pretrained:
         return load_pretrained_retriever(cfg.pretrained, spec)
     texts = [t.caption for t in train.triplets]
-    annotated = Path(cfg.cirr_root) / "captions" / f"cap.rc2.{cfg.train_split}.json"
-    if annotated.is_file():
-        texts += [r["caption"] for r in read_json(annotated) if isinstance(r, dict) and "caption" in r]
+    # pretraining on synthetic triplets: the annotated texts' words must be in the vocabulary too
+    texts += caption_texts(cfg.dataset, cfg.cirr_root, cfg.train_split, cfg.categories)
     if cfg.data_json:
         from core.data import load_karpathy
 
@@ -115,18 +125,20 @@ def _build(cfg: TrainConfig, train: CIRSplit) -> ComposedRetriever:
 def _reverse_texts(cfg: TrainConfig, train: CIRSplit, image_root: str) -> dict:
     if not cfg.reverse_root:
         raise InputError("config", "reverse_root", "PTHA needs the reverse texts (the synthesis output folder)")
-    rev = load_cirr(cfg.reverse_root, f"{cfg.train_split}_reverse", image_root)
+    rev = merge_splits(_load(cfg, cfg.reverse_root, f"{cfg.train_split}_reverse", image_root))
     by_id = {t.pairid: t.caption for t in rev.triplets}
     missing = [t.pairid for t in train.triplets if t.pairid not in by_id]
     if missing:
-        raise InputError(Path(cfg.reverse_root) / "captions" / f"cap.rc2.{cfg.train_split}_reverse.json", "pairid",
-                         f"no reverse text for {len(missing)} training triplets (e.g. pairid {missing[0]})")
+        raise InputError(Path(cfg.reverse_root) / "captions", "pairid",
+                         f"no reverse text in the {cfg.train_split}_reverse caption file(s) for {len(missing)} "
+                         f"training triplets (e.g. pairid {missing[0]})")
     return by_id
 
 
 def batch_targets(batch: Sequence[CIRTriplet], forward: bool, subset_negatives: bool) -> tuple[list[str], list[str]]:
     """(positives, all targets): the queries' own targets first, then their set members as appended negatives.
-    Reverse direction (target + reverse text → reference): the positive is the reference."""
+    Reverse direction (target + reverse text → reference): the positive is the reference. FashionIQ triplets have
+    no members, so nothing is appended for them."""
     own = [t.target if forward else t.reference for t in batch]
     extra = []
     if subset_negatives:
@@ -166,14 +178,15 @@ def _schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, total: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, f)
 
 
-def fit(model: ComposedRetriever, train: CIRSplit, bank: TokenBank, val: CIRSplit, val_bank: TokenBank,
-        reverse: dict | None, cfg: TrainConfig) -> dict:
+def fit(model: ComposedRetriever, train: CIRSplit, bank: TokenBank, val: CIRSplit | Sequence[CIRSplit],
+        val_bank: TokenBank, reverse: dict | None, cfg: TrainConfig) -> dict:
+    """Train on `train`, select on `val`'s Avg (a CIRSplit, or the per-category units of FashionIQ)."""
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     triplets = [t for t in train.triplets if t.target is not None]
     if not triplets:
-        raise InputError(cfg.train_root or cfg.cirr_root, f"cap.rc2.{cfg.train_split}.json", "no triplet with a target")
+        raise InputError(cfg.train_root or cfg.cirr_root, f"{cfg.train_split} captions", "no triplet with a target")
     bs = min(cfg.batch_size, len(triplets))
     per_epoch = len(triplets) // bs
     total = per_epoch * cfg.epochs
@@ -217,8 +230,9 @@ def fit(model: ComposedRetriever, train: CIRSplit, bank: TokenBank, val: CIRSpli
               "steps": total}
     write_metrics(out, result)
     tracker.finish()
-    print(f"[cir.train] {out.name}: best val Avg {best_metrics.get('Avg', float('nan')):.2f} "
-          f"(R@1 {best_metrics.get('R@1', float('nan')):.2f}, Rs@1 {best_metrics.get('Rs@1', float('nan')):.2f})")
+    shown = ", ".join(f"{k} {best_metrics[k]:.2f}" for k in ("R@1", "Rs@1", "mean/R@10", "mean/R@50")
+                      if k in best_metrics)
+    print(f"[cir.train] {out.name}: best val Avg {best_metrics.get('Avg', float('nan')):.2f} ({shown})")
     return result
 
 

@@ -15,9 +15,11 @@ from cir import evaluate, train
 from cir.data import load_cir_split, load_cirr, merge_splits
 from cir.features import token_bank
 from cir.retriever import ComposedRetriever
+from core.config import parse_config
 from core.errors import InputError
 
 CATEGORIES = ("dress", "shirt")
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "cir"
 SMALL = {"qformer": {"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 128,
                      "cross_attention_frequency": 1, "max_position_embeddings": 48,
                      "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0},
@@ -76,6 +78,11 @@ def trained(fashioniq_root, dense_checkpoint, tmp_path_factory) -> tuple[Path, d
     metrics = train.main(_train_args(fashioniq_root, dense_checkpoint, out, "--epochs", "20", "--batch_size", "16",
                                      "--lr", "1e-3", "--warmup_steps", "5", "--temperature", "0.07"))
     return out, metrics
+
+
+def test_fashioniq_real_config_parses():
+    cfg = parse_config(train.TrainConfig, ["--config", str(CONFIGS / "fashioniq_train.yaml")])
+    assert cfg.dataset == "fashioniq" and cfg.categories == ["dress", "shirt", "toptee"] and cfg.pretrained
 
 
 def test_fashioniq_fixture_is_the_real_layout(fashioniq_root):

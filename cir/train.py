@@ -18,8 +18,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from cir.data import (FASHIONIQ_CATEGORIES, CIRSplit, CIRTriplet, cache_key, caption_texts, default_image_root,
-                      load_cir_split, merge_splits)
+from cir.data import (FASHIONIQ_CATEGORIES, CIRSplit, CIRTriplet, cache_key, caption_texts, cirr_files,
+                      default_image_root, load_cir_split, merge_splits)
 from cir.evaluate import evaluate_model
 from cir.features import TokenBank, token_bank
 from cir.losses import prototype_alignment, ptha_loss, query_target_contrastive
@@ -129,9 +129,10 @@ def _reverse_texts(cfg: TrainConfig, train: CIRSplit, image_root: str) -> dict:
     by_id = {t.pairid: t.caption for t in rev.triplets}
     missing = [t.pairid for t in train.triplets if t.pairid not in by_id]
     if missing:
-        raise InputError(Path(cfg.reverse_root) / "captions", "pairid",
-                         f"no reverse text in the {cfg.train_split}_reverse caption file(s) for {len(missing)} "
-                         f"training triplets (e.g. pairid {missing[0]})")
+        where = (cirr_files(cfg.reverse_root, f"{cfg.train_split}_reverse")[0] if cfg.dataset == "cirr"
+                 else Path(cfg.reverse_root) / "captions" / f"cap.*.{cfg.train_split}_reverse.json")
+        raise InputError(where, "pairid", f"no reverse text for {len(missing)} training triplets "
+                                          f"(e.g. pairid {missing[0]})")
     return by_id
 
 

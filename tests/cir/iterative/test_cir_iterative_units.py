@@ -115,3 +115,23 @@ def test_bad_options_fail_before_any_work(tmp_path):
     with pytest.raises(InputError, match="split.rc2.train.json"):  # no CIRR files: the loader names the file
         ti.main(base)
     assert not (tmp_path / "exp").exists()  # nothing written
+
+
+def test_leftovers_of_a_killed_run_are_cleaned(tmp_path):
+    """Half-written temporaries (core.io's `.{name}.*.tmp`) are removed; a `.{name}.old` folder left by a kill between
+    atomic_dir's two renames is the complete previous version and is put back when `{name}` is missing."""
+    from cir.iterative import train_iterative as ti
+
+    exp = tmp_path / "exp"
+    (exp / "training_iter_2" / ".checkpoint-last.ab12.tmp").mkdir(parents=True)
+    (exp / ".hard_negatives_iter_2.json.cd34.tmp").write_text('{"manif')
+    (exp / ".checkpoint_iter_1.old").mkdir()
+    (exp / ".checkpoint_iter_1.old" / "model.pt").write_bytes(b"round 1")
+    (exp / "checkpoint_iter_3").mkdir()
+    (exp / ".checkpoint_iter_3.old").mkdir()
+    (exp / "hard_negatives_iter_1.json").write_text("{}")
+    assert ti.clean_stale_temporaries(exp) == 3
+    assert (exp / "checkpoint_iter_1" / "model.pt").read_bytes() == b"round 1"
+    assert sorted(p.name for p in exp.iterdir()) == ["checkpoint_iter_1", "checkpoint_iter_3", "hard_negatives_iter_1.json",
+                                                     "training_iter_2"]
+    assert not list((exp / "training_iter_2").iterdir())

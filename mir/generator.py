@@ -215,7 +215,7 @@ class DiffusersGenerator:
         self.device = device or get_device()
         # The dtype goes to from_pretrained, never torch.set_default_dtype: other models in the process stay fp32.
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.pipe = pipeline if pipeline is not None else AutoPipelineForText2Image.from_pretrained(name_or_path, torch_dtype=dtype)
+        self.pipe = pipeline if pipeline is not None else AutoPipelineForText2Image.from_pretrained(name_or_path, dtype=dtype)
         self.pipe = self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         self.model_id, self.steps, self.guidance, self.size, self.batch_size = name_or_path, steps, guidance, size, batch_size

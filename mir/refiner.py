@@ -314,32 +314,57 @@ class ShapesRefiner:
 
 
 class LLMRefiner:
-    """Any instruction-following causal LM from transformers rewrites the description (GenIR's refiner role)."""
+    """Any instruction-following causal LM from transformers rewrites the description (GenIR's refiner role).
+
+    The prompt goes through the tokenizer's chat template when it has one (instruction-tuned models such as
+    Gemma-3-it expect it), else as plain text. Greedy decoding; the first line of the answer is the new query.
+    """
 
     PROMPT = ("You help a user find an image. Current description: \"{query}\"\n"
               "The user says how the image they want differs: \"{feedback}\"\n"
               "Write one new description of the wanted image, as a single caption:\n")
 
-    def __init__(self, name_or_path: str, max_new_tokens: int = 60, model: Any = None, tokenizer: Any = None):
+    def __init__(self, name_or_path: str, max_new_tokens: int = 60, model: Any = None, tokenizer: Any = None,
+                 device: Any = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.model = model if model is not None else AutoModelForCausalLM.from_pretrained(name_or_path)
+        from core.device import get_device
+        from core.vlm import model_dtype
+
+        self.device = device or get_device()
+        # The dtype goes to from_pretrained (bf16 on CUDA), never to a global default.
+        self.model = model if model is not None else AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=model_dtype(self.device))
+        self.model = self.model.to(self.device).eval()
         self.tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(name_or_path)
         self.model_id, self.max_new_tokens = name_or_path, max_new_tokens
 
     def start(self, first_query: str) -> str:
         return first_query
 
+    def prompt(self, state: str, feedback: str) -> str:
+        text = self.PROMPT.format(query=state, feedback=feedback)
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                      add_generation_prompt=True)
+        return text
+
     def refine(self, state: str, feedback: str) -> tuple[str, int]:
+        """The new query and 0 unparsed clauses (the LM reads all of the feedback); empty feedback keeps the query."""
         import torch
+
+        from core.device import autocast
 
         if not feedback.strip():
             return state, 0
-        ids = self.tokenizer(self.PROMPT.format(query=state, feedback=feedback), return_tensors="pt").to(self.model.device)
-        with torch.no_grad():
-            out = self.model.generate(**ids, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                      pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
-        text = self.tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip().split("\n")[0]
+        # A chat template already holds the special tokens; adding them again would double the BOS token.
+        ids = self.tokenizer(self.prompt(state, feedback), return_tensors="pt",
+                             add_special_tokens=not getattr(self.tokenizer, "chat_template", None)).to(self.device)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        with torch.no_grad(), autocast(self.device):
+            out = self.model.generate(**ids, max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=pad)
+        text = self.tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        text = text.split("\n")[0].strip().strip('"').strip()
         return (text or state), 0
 
 

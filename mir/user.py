@@ -1,6 +1,7 @@
 """The simulated user: it holds the target image (pixels only, never its scene) and speaks through a
 modification-text generator (`core.modtext`: (reference, target) → "what changes from the first image to
-the second").
+the second") — `SimulatedUser` — or, for real runs, a chat VLM (`core.vlm`: Qwen2-VL, Gemma-3, LLaVA, ...) asked
+the same questions in words — `VLMUser`.
 
 - `compare(shown, targets)`: the feedback modes. The user looks at what the system shows (a generated
   image, or the top-ranked wrong image) and says how to change it into the target.
@@ -19,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from core.shapes.captions import position_name
+from core.vlm import ChatVLM, side_by_side
 from core.shapes.world import GRID
 
 # A cell counts as empty when painting it over changes fewer than this share of its pixels noticeably.
@@ -95,11 +97,56 @@ def question_text(cell: tuple[int, int]) -> str:
     return f"what is in the {position_name(*cell)}?"
 
 
-def load_user(spec: str, device: Any = None, max_new_tokens: int = 32, num_beams: int = 1) -> SimulatedUser:
-    """`spec` is a trained modification-text generator folder (core.modtext), or `instructblip:<name>` for a
-    pretrained InstructBLIP through the same interface (real runs)."""
+# The chat VLM user's prompts (GenIR: the user compares the feedback image with the image in mind).
+COMPARE_PROMPT = ("{layout} Say what must change in the {first} to make it match the {second}. "
+                  "Answer in one short sentence.")
+MULTI_LAYOUT = ("The first image is what the search system shows me; the second image is the image I am looking for.",
+                "first image", "second image")
+SIDE_LAYOUT = ("The left half of the picture is what the search system shows me; the right half is the image I am "
+               "looking for.", "left half", "right half")
+ANSWER_PROMPT = "Look at this image and answer the question in one short sentence. Question: {question}"
+
+
+class VLMUser:
+    """A chat VLM as the simulated user (real runs), with `SimulatedUser`'s interface; it sees only pixels."""
+
+    def __init__(self, vlm: ChatVLM, model_id: str, max_new_tokens: int = 32):
+        self.vlm, self.model_id, self.max_new_tokens = vlm, model_id, max_new_tokens
+
+    def compare_prompt(self) -> str:
+        layout, first, second = MULTI_LAYOUT if self.vlm.multi_image else SIDE_LAYOUT
+        return COMPARE_PROMPT.format(layout=layout, first=first, second=second)
+
+    def compare(self, shown: Sequence[Image.Image], targets: Sequence[Image.Image], seed: int | None = None) -> list[str]:
+        """What must change in each shown image (generated or retrieved) to match its target."""
+        if len(shown) != len(targets):
+            raise ValueError(f"{len(shown)} shown images but {len(targets)} targets")
+        if self.vlm.multi_image:
+            images = [[s, t] for s, t in zip(shown, targets)]
+        else:  # a one-image model sees the pair pasted side by side
+            images = [[side_by_side(s, t)] for s, t in zip(shown, targets)]
+        return self.vlm.chat(images, [self.compare_prompt()] * len(images), self.max_new_tokens, seed or 0)
+
+    def answer(self, questions: Sequence[tuple[int, int] | str], targets: Sequence[Image.Image],
+               seed: int | None = None) -> list[str]:
+        """Text-only mode: the target image and the system's question (a question text, or a Shapes cell) → answer."""
+        if len(questions) != len(targets):
+            raise ValueError(f"{len(questions)} questions but {len(targets)} targets")
+        texts = [q if isinstance(q, str) else question_text(tuple(q)) for q in questions]
+        prompts = [ANSWER_PROMPT.format(question=q) for q in texts]
+        return self.vlm.chat([[t] for t in targets], prompts, self.max_new_tokens, seed or 0)
+
+
+def load_user(spec: str, device: Any = None, max_new_tokens: int = 32, num_beams: int = 1) -> SimulatedUser | VLMUser:
+    """`spec` is a trained modification-text generator folder (core.modtext), `instructblip:<name>` for a
+    pretrained InstructBLIP through the same interface, or `vlm:<name_or_path>` for a chat VLM (Qwen2-VL,
+    Gemma-3, LLaVA, ... through core.vlm; real runs)."""
     from core import modtext
 
+    if spec.startswith("vlm:"):
+        vlm = ChatVLM.from_pretrained(spec.split(":", 1)[1], device=device, max_new_tokens=max_new_tokens,
+                                      num_beams=num_beams)
+        return VLMUser(vlm, spec, max_new_tokens)
     if spec.startswith("instructblip:"):
         gen = modtext.load_pretrained_instructblip(spec.split(":", 1)[1])
         gen.model_id = spec

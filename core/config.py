@@ -32,8 +32,11 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None) -> T:
     values: dict[str, Any] = {}
     if config_path is not None:
         values.update(_read_yaml(cls, config_path))
+    hints = typing.get_type_hints(cls)
     for key, raw in overrides.items():
-        values[key] = _coerce(cls, key, yaml.safe_load(raw) if isinstance(raw, str) else raw, CLI)
+        # A str setting takes the command-line text as it is: `--summary ""` is the empty string, not YAML null.
+        literal = isinstance(raw, str) and _base_type(hints.get(key)) is str
+        values[key] = _coerce(cls, key, raw if literal or not isinstance(raw, str) else yaml.safe_load(raw), CLI)
     return build_config(cls, values, source=str(config_path) if config_path else CLI)
 
 

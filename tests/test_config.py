@@ -56,3 +56,9 @@ def test_exponent_without_dot_is_a_float(tmp_path):
     path.write_text("lr: 1e-5\n")
     assert parse_config(Demo, ["--config", str(path)]).lr == 1e-5
     assert parse_config(Demo, ["--lr", "2e-3"]).lr == 2e-3
+
+
+def test_str_option_takes_the_command_line_text_as_it_is():
+    # YAML would read "" as null and "0" as a number; a str setting keeps the text
+    assert parse_config(Demo, ["--name", ""]).name == ""
+    assert parse_config(Demo, ["--name", "0"]).name == "0"

@@ -63,12 +63,28 @@ def hard_negatives(emb_dir: Path, split: str, k: int) -> tuple[list[dict], list,
 
 def score_pairs(model: ShapesITM, feats: DenseTokenFeatures, texts: Sequence[str], image_tokens: torch.Tensor,
                 device: torch.device, batch_size: int = 256) -> torch.Tensor:
-    """ITM logits for aligned (text, image-token) rows."""
+    """ITM logits for aligned (text, image-token) rows. Each distinct text goes through the text tower once: a
+    query re-ranked at depth k appears k times in `texts`."""
+    unique = list(dict.fromkeys(texts))
+    row = {t: i for i, t in enumerate(unique)}
+    tokens, masks, embs = text_features(feats, unique, device, batch_size)
     out = []
     for i in range(0, len(texts), batch_size):
-        t, m, e = feats.text(texts[i:i + batch_size], device)
-        out.append(model(t, m, e, image_tokens[i:i + batch_size].to(device)).float().cpu())
+        idx = torch.tensor([row[t] for t in texts[i:i + batch_size]])
+        length = int(masks[idx].sum(1).max())  # drop the all-padding tail of this batch
+        out.append(model(tokens[idx, :length].to(device), masks[idx, :length].to(device), embs[idx].to(device),
+                         image_tokens[i:i + batch_size].to(device)).float().cpu())
     return torch.cat(out) if out else torch.zeros(0)
+
+
+def text_features(feats: DenseTokenFeatures, texts: Sequence[str], device: torch.device,
+                  batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(token features [N, L, W], mask [N, L], pooled embeddings [N, E]) of `texts`, padded to one length L."""
+    chunks = [feats.text(texts[i:i + batch_size], device) for i in range(0, len(texts), batch_size)]
+    length = max(t.shape[1] for t, _, _ in chunks)
+    pad = lambda x: torch.nn.functional.pad(x, (0, 0, 0, length - x.shape[1]) if x.dim() == 3 else (0, length - x.shape[1]))  # noqa: E731
+    return (torch.cat([pad(t).cpu() for t, _, _ in chunks]), torch.cat([pad(m).cpu() for _, m, _ in chunks]),
+            torch.cat([e.cpu() for _, _, e in chunks]))
 
 
 @torch.no_grad()

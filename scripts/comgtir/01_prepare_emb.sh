@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/common.sh
+source scripts/comgtir/paths.sh
 
 EMB_DIR="$RUN_DIR/dense/emb"
 

@@ -3,10 +3,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/common.sh
+source scripts/comgtir/paths.sh
 
 EPOCHS=$(fast_or 20 100)
 BATCH_SIZE=$(fast_or 128 512)
 
 "$PYTHON" -m rqvae.train --config configs/comgtir/shapes/rqvae.yaml \
-  --emb_dir "$RUN_DIR/dense/emb" --output_dir "$RUN_DIR/comgtir/rqvae" \
+  --emb_dir "$RUN_DIR/dense/emb" --output_dir "$COMGTIR_DIR/rqvae" \
   --epochs "$EPOCHS" --batch_size "$BATCH_SIZE" --seed "$SEED" "$@"

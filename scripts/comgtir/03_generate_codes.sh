@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/common.sh
+source scripts/comgtir/paths.sh
 
-"$PYTHON" -m rqvae.generate_codes --checkpoint "$RUN_DIR/comgtir/rqvae/checkpoint-best" \
-  --emb_dir "$RUN_DIR/dense/emb" --splits train,val,test --output "$RUN_DIR/comgtir/codes.json" \
-  --summary "$RUN_DIR/results.json" --summary_row comgtir/rqvae --seed "$SEED" "$@"
+"$PYTHON" -m rqvae.generate_codes --checkpoint "$COMGTIR_DIR/rqvae/checkpoint-best" \
+  --emb_dir "$RUN_DIR/dense/emb" --splits train,val,test --output "$COMGTIR_DIR/codes.json" \
+  --summary "$RUN_DIR/results.json" --summary_row "comgtir/rqvae$ROW_SUFFIX" --seed "$SEED" "$@"

@@ -3,10 +3,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/common.sh
+source scripts/comgtir/paths.sh
 
 PSEUDO_SPLITS=train,val,test  # pseudo queries index every gallery image (never a caption of val/test)
+PSEUDO_FILE=$([ "$PSEUDO_QUERIES" = "1" ] && echo "$COMGTIR_DIR/pseudo_queries.jsonl" || echo "")  # "" = captions only
 
 "$PYTHON" -m retriever.generative.prepare_dataset --data_json "$DATA_DIR/dataset_shapes.json" \
-  --image_root "$DATA_DIR/images" --codes "$RUN_DIR/comgtir/codes.json" \
-  --pseudo_queries "$RUN_DIR/comgtir/pseudo_queries.jsonl" --pseudo_splits "$PSEUDO_SPLITS" \
-  --output_dir "$RUN_DIR/comgtir/data" --seed "$SEED" "$@"
+  --image_root "$DATA_DIR/images" --codes "$COMGTIR_DIR/codes.json" \
+  --pseudo_queries "$PSEUDO_FILE" --pseudo_splits "$PSEUDO_SPLITS" \
+  --output_dir "$COMGTIR_DIR/data" --seed "$SEED" "$@"

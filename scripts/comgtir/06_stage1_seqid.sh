@@ -3,12 +3,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/common.sh
+source scripts/comgtir/paths.sh
 
-EPOCHS=$(fast_or 2 3)
+EPOCHS=$(fast_or 2 2)
 BATCH_SIZE=256
 LR=3e-3
 
 "$PYTHON" -m retriever.generative.train --config configs/comgtir/shapes/retriever.yaml --stage seqid \
-  --data_dir "$RUN_DIR/comgtir/data" --codes "$RUN_DIR/comgtir/codes.json" \
-  --output_dir "$RUN_DIR/comgtir/stage1_seqid" --epochs "$EPOCHS" --batch_size "$BATCH_SIZE" --lr "$LR" \
+  --data_dir "$COMGTIR_DIR/data" --codes "$COMGTIR_DIR/codes.json" \
+  --output_dir "$COMGTIR_DIR/stage1_seqid" --epochs "$EPOCHS" --batch_size "$BATCH_SIZE" --lr "$LR" \
   --seed "$SEED" "$@"

@@ -3,9 +3,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/common.sh
+source scripts/comgtir/paths.sh
 
 ENCODER_MIX=1.0
 
-"$PYTHON" -m retriever.generative.merge --stage1 "$RUN_DIR/comgtir/stage1_seqid/checkpoint-best" \
-  --stage2 "$RUN_DIR/comgtir/stage2_setid/checkpoint-best" --output "$RUN_DIR/comgtir/stage3_merged" \
+"$PYTHON" -m retriever.generative.merge --stage1 "$COMGTIR_DIR/stage1_seqid/checkpoint-best" \
+  --stage2 "$COMGTIR_DIR/stage2_setid/checkpoint-best" --output "$COMGTIR_DIR/stage3_merged" \
   --encoder_mix "$ENCODER_MIX" --seed "$SEED" "$@"

@@ -4,10 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/common.sh
+source scripts/comgtir/paths.sh
 
 NUM_BEAMS=20
 
 "$PYTHON" -m retriever.generative.evaluate --config configs/comgtir/shapes/evaluate.yaml \
-  --checkpoint "$RUN_DIR/comgtir/stage1_seqid/checkpoint-best" --guidance 0 \
-  --codes "$RUN_DIR/comgtir/codes.json" --emb_dir "$RUN_DIR/dense/emb" --num_beams "$NUM_BEAMS" \
-  --output_dir "$RUN_DIR/comgtir/eval/seq-id" --summary "$RUN_DIR/results.json" --summary_row comgtir/seq-id "$@"
+  --checkpoint "$COMGTIR_DIR/stage1_seqid/checkpoint-best" --guidance 0 \
+  --codes "$COMGTIR_DIR/codes.json" --emb_dir "$RUN_DIR/dense/emb" --num_beams "$NUM_BEAMS" \
+  --output_dir "$COMGTIR_DIR/eval/seq-id" --summary "$RUN_DIR/results.json" --summary_row "comgtir/seq-id$ROW_SUFFIX" "$@"

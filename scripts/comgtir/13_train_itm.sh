@@ -3,10 +3,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/common.sh
+source scripts/comgtir/paths.sh
 
-EPOCHS=$(fast_or 1 2)
+EPOCHS=$(fast_or 1 1)
 QUERIES_PER_EPOCH=$(fast_or 500 3000)
 
 "$PYTHON" -m retriever.generative.train_itm --dense_checkpoint "$RUN_DIR/dense/checkpoint-best" \
   --emb_dir "$RUN_DIR/dense/emb" --data_json "$DATA_DIR/dataset_shapes.json" --image_root "$DATA_DIR/images" \
-  --output_dir "$RUN_DIR/comgtir/itm" --epochs "$EPOCHS" --queries_per_epoch "$QUERIES_PER_EPOCH" --seed "$SEED" "$@"
+  --output_dir "$COMGTIR_DIR/itm" --epochs "$EPOCHS" --queries_per_epoch "$QUERIES_PER_EPOCH" --seed "$SEED" "$@"

@@ -19,7 +19,7 @@ from core.device import autocast, get_device
 from core.errors import InputError
 
 # Model types trained on one image per turn: callers paste a pair side by side (`side_by_side`) instead.
-SINGLE_IMAGE_TYPES = ("llava",)
+SINGLE_IMAGE_TYPES = ("llava", "llava_next")
 
 
 def model_dtype(device: torch.device) -> torch.dtype:
@@ -82,7 +82,9 @@ class ChatVLM:
             raise ValueError(f"{self.model_type} reads one image per turn; paste the images with side_by_side")
         texts = [self.chat_text(len(ims), p) for ims, p in zip(images_per_item, prompts)]
         images = [[im.convert("RGB") for im in ims] for ims in images_per_item]
-        inputs = self.processor(text=texts, images=images, padding=True, return_tensors="pt").to(self.device)
+        inputs = self.processor(text=texts, images=images, padding=True, return_tensors="pt",
+                                add_special_tokens=needs_special_tokens(self.processor.tokenizer, texts[0]))
+        inputs = inputs.to(self.device)
         # Sampling draws from torch's global RNG; a forked RNG keeps the seed's effect local to this call.
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), autocast(self.device):
@@ -91,6 +93,13 @@ class ChatVLM:
                                       num_beams=self.num_beams, do_sample=self.do_sample)
         new_tokens = out[:, inputs["input_ids"].shape[1]:]
         return [t.strip() for t in self.processor.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def needs_special_tokens(tokenizer: Any, chat_text: str) -> bool:
+    """Whether tokenizing a chat-template text should add BOS: not when the template wrote it already (Gemma's
+    does, Qwen's and LLaVA's do not); a doubled BOS shifts every position the model was trained on."""
+    bos = getattr(tokenizer, "bos_token", None)
+    return not (bos and chat_text.startswith(bos))
 
 
 def side_by_side(left: Image.Image, right: Image.Image) -> Image.Image:

@@ -354,12 +354,13 @@ class LLMRefiner:
         import torch
 
         from core.device import autocast
+        from core.vlm import needs_special_tokens
 
         if not feedback.strip():
             return state, 0
-        # A chat template already holds the special tokens; adding them again would double the BOS token.
-        ids = self.tokenizer(self.prompt(state, feedback), return_tensors="pt",
-                             add_special_tokens=not getattr(self.tokenizer, "chat_template", None)).to(self.device)
+        prompt = self.prompt(state, feedback)
+        ids = self.tokenizer(prompt, return_tensors="pt",
+                             add_special_tokens=needs_special_tokens(self.tokenizer, prompt)).to(self.device)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         with torch.no_grad(), autocast(self.device):
             out = self.model.generate(**ids, max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=pad)

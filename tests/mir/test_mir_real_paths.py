@@ -11,11 +11,12 @@ import torch
 from PIL import Image
 
 from core.errors import InputError
-from core.vlm import ChatVLM, side_by_side
+from core.vlm import ChatVLM, needs_special_tokens, side_by_side
 from mir.generator import DiffusersGenerator, load_generator
 from mir.refiner import LLMRefiner
 from mir.user import VLMUser, load_user
-from tests.mir.tiny_models import save_tiny_causal_lm, save_tiny_llava, save_tiny_qwen2vl, save_tiny_sd_pipeline
+from tests.mir.tiny_models import (save_tiny_causal_lm, save_tiny_gemma3, save_tiny_llava, save_tiny_qwen2vl,
+                                   save_tiny_sd_pipeline)
 
 RED, BLUE = Image.new("RGB", (64, 64), (220, 30, 30)), Image.new("RGB", (48, 64), (30, 30, 220))
 
@@ -73,6 +74,19 @@ def test_one_image_vlm_sees_the_pair_side_by_side(tmp_path):
     assert len(user.compare([RED, BLUE], [BLUE, RED], seed=0)) == 2
     with pytest.raises(ValueError, match="side_by_side"):
         user.vlm.chat([[RED, BLUE]], ["x"])
+
+
+def test_gemma3_user_reads_bos_once(tmp_path):
+    user = load_user(f"vlm:{save_tiny_gemma3(tmp_path / 'gemma3')}", max_new_tokens=4)
+    assert type(user.vlm.model).__name__ == "Gemma3ForConditionalGeneration" and user.vlm.multi_image
+    text = user.vlm.chat_text(2, user.compare_prompt())
+    assert text.startswith("<bos><start_of_turn>user") and text.count("<start_of_image>") == 2
+    tok = user.vlm.processor.tokenizer
+    ids = user.vlm.processor(text=[text], images=[[RED, BLUE]], add_special_tokens=needs_special_tokens(tok, text))
+    assert ids["input_ids"][0][:2] == [tok.bos_token_id, tok.convert_tokens_to_ids("<start_of_turn>")]  # one BOS
+    said = user.compare([RED, BLUE], [BLUE, RED], seed=0)
+    assert len(said) == 2 and said == user.compare([RED, BLUE], [BLUE, RED], seed=0)
+    assert len(user.answer([(1, 1)], [RED])) == 1
 
 
 def test_load_user_refuses_what_it_cannot_load(tmp_path):

@@ -26,19 +26,34 @@ LLAVA_TEMPLATE = (
     "{% else %}{{ c['text'] }}{% endif %}{% endfor %} {% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
 
 
-def word_tokenizer(words: list[str] = WORDS, chat_template: str | None = None):
-    """A word-level fast tokenizer with the chat models' special tokens (no hub: built from a word list)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
+                  "<end_of_image>", "<image_soft_token>"]
+# Gemma-3's template writes BOS itself and names the assistant "model".
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}"
+    "<start_of_image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
 
-    vocab = {t: i for i, t in enumerate(dict.fromkeys(SPECIALS + list(words) + list(".,:;?!\"'")))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+
+def _word_level(specials: list[str], words: list[str], unk: str):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(specials + list(words) + list(".,:;?!\"'")))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=unk))
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"<\|[a-z_]+\|>|<image>|\w+|[^\w\s]"), behavior="isolated"),
+        pre_tokenizers.Split(Regex(r"<\|[a-z_]+\|>|<[a-z_]+>|\w+|[^\w\s]"), behavior="isolated"),
         pre_tokenizers.WhitespaceSplit()])
     tok.decoder = decoders.WordPiece(prefix="##")
-    out = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                  unk_token="[UNK]", extra_special_tokens=SPECIALS[:8])
+    return tok
+
+
+def word_tokenizer(words: list[str] = WORDS, chat_template: str | None = None):
+    """A word-level fast tokenizer with the chat models' special tokens (no hub: built from a word list)."""
+    from transformers import PreTrainedTokenizerFast
+
+    out = PreTrainedTokenizerFast(tokenizer_object=_word_level(SPECIALS, words, "[UNK]"), eos_token="<|im_end|>",
+                                  pad_token="<|endoftext|>", unk_token="[UNK]", extra_special_tokens=SPECIALS[:8])
     if chat_template is not None:
         out.chat_template = chat_template
     return out
@@ -67,6 +82,35 @@ def save_tiny_qwen2vl(folder: Path) -> Path:
         image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
     Qwen2VLForConditionalGeneration(config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def save_tiny_gemma3(folder: Path) -> Path:
+    """A 2-layer Gemma-3 (SigLIP tower, 56 px images pooled to 4 image tokens) with its real processor."""
+    import torch
+    from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor,
+                              PreTrainedTokenizerFast)
+
+    torch.manual_seed(0)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=_word_level(GEMMA_SPECIALS, WORDS, "<unk>"), bos_token="<bos>", eos_token="<eos>",
+        pad_token="<pad>", unk_token="<unk>",
+        extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                              "image_token": "<image_soft_token>", "sot": "<start_of_turn>", "eot": "<end_of_turn>"})
+    ids = tok.convert_tokens_to_ids
+    processor = Gemma3Processor(image_processor=Gemma3ImageProcessor(size={"height": 56, "width": 56}), tokenizer=tok,
+                                chat_template=GEMMA_TEMPLATE, image_seq_length=4)
+    config = Gemma3Config(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=512,
+                         sliding_window=64, bos_token_id=ids("<bos>"), eos_token_id=[ids("<eos>"), ids("<end_of_turn>")],
+                         pad_token_id=ids("<pad>")),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=56, patch_size=14),
+        mm_tokens_per_image=4, boi_token_index=ids("<start_of_image>"), eoi_token_index=ids("<end_of_image>"),
+        image_token_index=ids("<image_soft_token>"))
+    Gemma3ForConditionalGeneration(config).save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
 

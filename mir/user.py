@@ -5,11 +5,11 @@ the same questions in words — `VLMUser`.
 
 - `compare(shown, targets)`: the feedback modes. The user looks at what the system shows (a generated
   image, or the top-ranked wrong image) and says how to change it into the target.
-- `answer(cells, targets)`: the text-only mode. The system asks "what is in the top left?"; the user
+- `answer(cells, targets)`: the text-only mode. The system asks "what is in the top left?"; the MTST user
   paints that cell of their own image with its background colour and asks the generator how to go from
   the painted image back to the target, which describes what was in the cell ("add a big red circle in
   the top left"). A cell whose painting changes (almost) no pixel is answered "nothing in the top left".
-  Both steps read pixels only.
+  Both steps read pixels only. The VLM user is shown the target and the question and answers in words.
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ import numpy as np
 from PIL import Image
 
 from core.shapes.captions import position_name
-from core.vlm import ChatVLM, side_by_side
 from core.shapes.world import GRID
+from core.vlm import ChatVLM, side_by_side
 
 # A cell counts as empty when painting it over changes fewer than this share of its pixels noticeably.
 EMPTY_SHARE = 0.02

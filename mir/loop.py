@@ -52,7 +52,7 @@ class MIRConfig:
     image_root: str = "data/shapes"  # the paths in both JSON files are relative to this folder
     dense_checkpoint: str = "runs/shapes/dense/checkpoint-best"
     generator: str = "runs/shapes/mir/generator/checkpoint-best"  # Shapes generator folder or a diffusers pipeline name/path
-    user: str = "runs/shapes/cir/mtst/checkpoint-best"  # modification-text generator folder, or instructblip:<name>
+    user: str = "runs/shapes/cir/mtst/checkpoint-best"  # modification-text generator folder, instructblip:<name> or vlm:<name_or_path> (a chat VLM through transformers)
     refiner: str = "shapes"  # "shapes" (the world's grammar) or a transformers causal LM name/path
     output_dir: str = "runs/shapes/mir"
     n_targets: int = 300  # the first n dialogues; every mode runs on the same ones

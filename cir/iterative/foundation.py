@@ -11,8 +11,9 @@ from typing import Any, Protocol, Sequence
 import torch
 from PIL import Image
 
-from core.device import autocast, get_device
+from core.device import get_device
 from core.errors import InputError
+from core.vlm import ChatVLM, side_by_side  # noqa: F401  (side_by_side: part of this module's API)
 from cir.iterative.manifest import hash_json, hash_model_source
 
 FOUNDATION_BACKBONES = ("mtst", "qwen2_vl", "llava")
@@ -35,47 +36,45 @@ class FoundationModel(Protocol):
 
 
 class _ChatFoundation:
-    """A transformers image-text-to-text model with its processor; subclasses say how the pair is shown."""
+    """A chat VLM (`core.vlm.ChatVLM`); subclasses say how the pair is shown."""
 
     backbone = ""
     layout = ""
+    n_images = 1
 
-    def __init__(self, model: torch.nn.Module, processor: Any, source: str, max_new_tokens: int = 24,
-                 num_beams: int = 1, do_sample: bool = False, device: torch.device | None = None):
-        self.device = device or get_device()
-        self.model = model.to(self.device).eval()
-        self.processor = processor
-        # Batched generation appends after the prompt, so prompts are padded on the left.
-        self.processor.tokenizer.padding_side = "left"
-        self.source, self.max_new_tokens, self.num_beams, self.do_sample = source, max_new_tokens, num_beams, do_sample
+    def __init__(self, vlm: ChatVLM, source: str):
+        self.vlm, self.source = vlm, source
+
+    @property
+    def processor(self) -> Any:
+        return self.vlm.processor
 
     def settings(self) -> dict[str, Any]:
-        return foundation_settings(self.backbone, self.source, self.max_new_tokens, self.num_beams, self.do_sample)
+        return foundation_settings(self.backbone, self.source, self.vlm.max_new_tokens, self.vlm.num_beams,
+                                   self.vlm.do_sample)
 
     def prompt(self, original: str) -> str:
         return PAIR_PROMPT.format(layout=self.layout, original=original)
 
     def _messages(self, original: str) -> list[dict[str, Any]]:
-        raise NotImplementedError
+        return ChatVLM.messages(self.n_images, self.prompt(original))
 
     def _images(self, reference: Image.Image, target: Image.Image) -> list[Image.Image]:
         raise NotImplementedError
 
-    @torch.no_grad()
     def generate(self, references: Sequence[Image.Image], targets: Sequence[Image.Image],
                  originals: Sequence[str], seed: int) -> list[str]:
         if not (len(references) == len(targets) == len(originals)):
             raise ValueError("one reference, one target and one original text per pair expected")
-        texts = [self.processor.apply_chat_template(self._messages(o), tokenize=False, add_generation_prompt=True)
-                 for o in originals]
         images = [self._images(r, t) for r, t in zip(references, targets)]
-        inputs = self.processor(text=texts, images=images, padding=True, return_tensors="pt").to(self.device)
-        torch.manual_seed(seed)  # matters only with do_sample; greedy and beam search are deterministic
-        with autocast(self.device):
-            out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, num_beams=self.num_beams,
-                                      do_sample=self.do_sample)
-        new_tokens = out[:, inputs["input_ids"].shape[1]:]
-        return [t.strip() for t in self.processor.batch_decode(new_tokens, skip_special_tokens=True)]
+        return self.vlm.chat(images, [self.prompt(o) for o in originals], seed=seed)
+
+    @classmethod
+    def from_pretrained(cls, path: str, device: torch.device | None = None, max_new_tokens: int = 24,
+                        num_beams: int = 1, do_sample: bool = False) -> "_ChatFoundation":
+        vlm = ChatVLM.from_pretrained(path, device=device, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                                      do_sample=do_sample)
+        return cls(vlm, path)
 
 
 class Qwen2VLFoundation(_ChatFoundation):
@@ -83,20 +82,10 @@ class Qwen2VLFoundation(_ChatFoundation):
 
     backbone = "qwen2_vl"
     layout = QWEN_LAYOUT
-
-    def _messages(self, original: str) -> list[dict[str, Any]]:
-        return [{"role": "user", "content": [{"type": "image"}, {"type": "image"},
-                                             {"type": "text", "text": self.prompt(original)}]}]
+    n_images = 2
 
     def _images(self, reference: Image.Image, target: Image.Image) -> list[Image.Image]:
         return [reference, target]
-
-    @classmethod
-    def from_pretrained(cls, path: str, **kwargs: Any) -> "Qwen2VLFoundation":
-        from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
-
-        model = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=_dtype(kwargs.get("device")))
-        return cls(model, AutoProcessor.from_pretrained(path), path, **kwargs)
 
 
 class LlavaFoundation(_ChatFoundation):
@@ -105,28 +94,8 @@ class LlavaFoundation(_ChatFoundation):
     backbone = "llava"
     layout = LLAVA_LAYOUT
 
-    def _messages(self, original: str) -> list[dict[str, Any]]:
-        return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.prompt(original)}]}]
-
     def _images(self, reference: Image.Image, target: Image.Image) -> list[Image.Image]:
         return [side_by_side(reference, target)]
-
-    @classmethod
-    def from_pretrained(cls, path: str, **kwargs: Any) -> "LlavaFoundation":
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=_dtype(kwargs.get("device")))
-        return cls(model, AutoProcessor.from_pretrained(path), path, **kwargs)
-
-
-def side_by_side(left: Image.Image, right: Image.Image) -> Image.Image:
-    """Both images at the height of the taller one, left then right, on one canvas."""
-    height = max(left.height, right.height)
-    scaled = [im.convert("RGB").resize((max(1, round(im.width * height / im.height)), height)) for im in (left, right)]
-    canvas = Image.new("RGB", (scaled[0].width + scaled[1].width, height))
-    canvas.paste(scaled[0], (0, 0))
-    canvas.paste(scaled[1], (scaled[0].width, 0))
-    return canvas
 
 
 class MTSTFoundation:
@@ -180,7 +149,3 @@ def check_foundation_args(backbone: str, path: str) -> None:
     # A local-looking path must exist; anything else is taken as a hub name (real runs only).
     if (path.startswith((".", "/", "~")) or backbone == "mtst") and not Path(path).expanduser().exists():
         raise InputError(path, "foundation_model_path", "foundation model folder not found")
-
-
-def _dtype(device: torch.device | None) -> torch.dtype:
-    return torch.bfloat16 if (device or get_device()).type == "cuda" else torch.float32

@@ -59,6 +59,8 @@ class TrainConfig:
     alpha: float = 0.5  # weight of L_p2p (the paper's 0.5)
     temperature: float = 0.07
     subset_negatives: bool = True  # append each query's set members as hard negatives
+    # the same for PTHA's reverse branch (L_t2t); off by default: it doubles the cost of a PTHA step for little gain
+    reverse_subset_negatives: bool = False
     epochs: int = 20
     batch_size: int = 64
     lr: float = 1e-3
@@ -162,7 +164,7 @@ def step_loss(model: ComposedRetriever, batch: Sequence[CIRTriplet], bank: Token
         return l_q2t, {"q2t": l_q2t.item()}
     tgt_tok = bank.get([t.target for t in batch], dev)
     rev_query, rev_proto = model.encode_queries_with_prototype(tgt_tok, [reverse[t.pairid] for t in batch])
-    _, rev_targets = batch_targets(batch, False, cfg.subset_negatives)
+    _, rev_targets = batch_targets(batch, False, cfg.subset_negatives and cfg.reverse_subset_negatives)
     refs = model.encode_targets_from_tokens(bank.get(rev_targets, dev))
     l_t2t = query_target_contrastive(rev_query, refs, cfg.temperature, target_ids=rev_targets)
     l_p2p = prototype_alignment(proto, rev_proto, cfg.temperature)

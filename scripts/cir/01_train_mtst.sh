@@ -6,10 +6,10 @@ cd "$(dirname "$0")/../.."
 source scripts/common.sh
 
 LM_STEPS=$(fast_or 15 300)
-STEPS=$(fast_or 40 700)
+STEPS=$(fast_or 40 600)
 BATCH_SIZE=32
 LR=1e-3
-EVAL_EVERY=$(fast_or 40 175)
+EVAL_EVERY=$(fast_or 40 150)
 MAX_NEW_TOKENS=$(fast_or 24 32)
 TEST_PAIRS=$(fast_or 100 500)
 

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/common.sh
 
-EPOCHS=$(fast_or 2 4)
+EPOCHS=$(fast_or 2 3)
 BATCH_SIZE=128
 LR=1e-3
 

@@ -7,8 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/common.sh
 
-EPOCHS=$(fast_or 2 20)
-BATCH_SIZE=64
+EPOCHS=$(fast_or 2 10)
+BATCH_SIZE=32  # more updates per epoch: on 1,000 annotated triplets, 32 × 10 epochs beats 64 × 10 (val Avg 45 vs 32 from scratch)
 LR_SCRATCH=1e-3
 LR_FINETUNE=5e-4
 PRETRAINED="$RUN_DIR/cir/pretrain-synthetic/checkpoint-best"

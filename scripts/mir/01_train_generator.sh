@@ -6,11 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/common.sh
 
-STEPS=$(fast_or 20 1000)  # quality first: at 200 steps colours and cells are right but shapes are blobs (docs/mir.md)
+STEPS=$(fast_or 20 1000)  # quality first: 500 steps draw coloured blobs in the right cells, 1000 begin to draw the shapes (docs/mir.md)
 BATCH_SIZE=32
 LR=1e-3
 EVAL_IMAGES=$(fast_or 40 300)
-SAMPLE_STEPS=$(fast_or 8 20)
+SAMPLE_STEPS=$(fast_or 8 10)
 
 "$PYTHON" -m mir.train_generator --config configs/mir/generator_shapes.yaml \
   --data_json "$DATA_DIR/dataset_shapes.json" --image_root "$DATA_DIR/images" \

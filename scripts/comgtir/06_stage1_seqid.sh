@@ -5,7 +5,7 @@ cd "$(dirname "$0")/../.."
 source scripts/common.sh
 source scripts/comgtir/paths.sh
 
-EPOCHS=$(fast_or 2 2)
+EPOCHS=$(fast_or 1 2)
 BATCH_SIZE=256
 LR=3e-3
 

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/common.sh
 
-EPOCHS=$(fast_or 10 8)
+EPOCHS=$(fast_or 6 8)
 BATCH_SIZE=$(fast_or 64 128)
 LR=1e-3
 NPROC="${NPROC:-1}"

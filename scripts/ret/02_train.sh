@@ -7,7 +7,7 @@ source scripts/common.sh
 
 VARIANTS=ret,text-only,image-only,single-layer
 EPOCHS=100  # the step budget below decides: the whole stage must fit in 3 minutes on 2 CPU cores
-MAX_STEPS=$(fast_or 40 100)
+MAX_STEPS=$(fast_or 20 100)
 BATCH_SIZE=64
 LR=1e-3
 

@@ -15,7 +15,7 @@ from core.vlm import ChatVLM, needs_special_tokens, side_by_side
 from mir.generator import DiffusersGenerator, load_generator
 from mir.refiner import LLMRefiner
 from mir.user import VLMUser, load_user
-from tests.mir.tiny_models import (save_tiny_causal_lm, save_tiny_gemma3, save_tiny_llava, save_tiny_qwen2vl,
+from tests.tiny_models import (save_tiny_causal_lm, save_tiny_gemma3, save_tiny_llava, save_tiny_qwen2vl,
                                    save_tiny_sd_pipeline)
 
 RED, BLUE = Image.new("RGB", (64, 64), (220, 30, 30)), Image.new("RGB", (48, 64), (30, 30, 220))

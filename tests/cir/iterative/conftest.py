@@ -6,95 +6,24 @@ from pathlib import Path
 
 import pytest
 
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
-            "<|video_pad|>", "<image>", "[UNK]"]
+from tests.tiny_models import save_tiny_llava, save_tiny_qwen2vl
+
+# The words the foundation-model prompts and the Shapes modification texts use (the tiny models' vocabulary).
 WORDS = ("a an the it make change to and then also get rid of put add remove move turn into make bigger smaller "
          "small large big tiny red blue green yellow purple violet orange black white grey gray pink brown cyan "
          "circle square triangle star diamond cross heart at in on top bottom left right middle center centre upper "
          "lower of image first second reference target picture half is are was for similar pair write short text that "
          "changes answer with only original modification given find described represent user assistant system").split()
-QWEN_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
-    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-LLAVA_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n"
-    "{% else %}{{ c['text'] }}{% endif %}{% endfor %} {% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
-
-
-def word_tokenizer(words=WORDS):
-    """A word-level fast tokenizer with the chat models' special tokens (no hub: built from a word list)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(dict.fromkeys(SPECIALS + list(words) + list(".,:;?!\"'")))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"<\|[a-z_]+\|>|<image>|\w+|[^\w\s]"), behavior="isolated"),
-        pre_tokenizers.WhitespaceSplit()])
-    tok.decoder = decoders.WordPiece(prefix="##")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   unk_token="[UNK]", extra_special_tokens=SPECIALS[:8])
-
-
-def save_tiny_qwen2vl(folder: Path) -> Path:
-    import torch
-    from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor,
-                              Qwen2VLVideoProcessor)
-
-    torch.manual_seed(0)
-    tok = word_tokenizer()
-    ids = tok.convert_tokens_to_ids
-    processor = Qwen2VLProcessor(
-        image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=56 * 56, patch_size=14, merge_size=2,
-                                              temporal_patch_size=2),
-        video_processor=Qwen2VLVideoProcessor(), tokenizer=tok, chat_template=QWEN_TEMPLATE)
-    config = Qwen2VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-                         bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>")),
-        vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, patch_size=14, spatial_merge_size=2,
-                           temporal_patch_size=2),
-        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
-    Qwen2VLForConditionalGeneration(config).save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
-
-
-def save_tiny_llava(folder: Path) -> Path:
-    import torch
-    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-
-    torch.manual_seed(0)
-    tok = word_tokenizer()
-    ids = tok.convert_tokens_to_ids
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}),
-        tokenizer=tok, patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        chat_template=LLAVA_TEMPLATE)
-    config = LlavaConfig(
-        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=2, image_size=28, patch_size=14, projection_dim=32),
-        text_config=dict(model_type="llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
-                         bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>")),
-        image_token_index=ids("<image>"), vision_feature_select_strategy="default", vision_feature_layer=-1)
-    LlavaForConditionalGeneration(config).save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen2vl(tmp_path_factory) -> Path:
-    return save_tiny_qwen2vl(tmp_path_factory.mktemp("qwen2vl") / "tiny-qwen2-vl")
+    return save_tiny_qwen2vl(tmp_path_factory.mktemp("qwen2vl") / "tiny-qwen2-vl", words=WORDS)
 
 
 @pytest.fixture(scope="session")
 def tiny_llava(tmp_path_factory) -> Path:
-    return save_tiny_llava(tmp_path_factory.mktemp("llava") / "tiny-llava")
+    return save_tiny_llava(tmp_path_factory.mktemp("llava") / "tiny-llava", words=WORDS)
 
 
 # The round-0 retriever's Q-Formers: small enough to train in seconds (the CIR stage's tests use the same size).

@@ -1,9 +1,7 @@
-"""Tiny randomly initialised models of the real transformers/diffusers classes, built without the hub, so the MIR
-stage's real-model code paths (chat-VLM user, diffusers pipeline, causal-LM refiner) run in tests.
-
-The Qwen2-VL builder follows tests/cir/iterative/conftest.py (same word-level tokenizer, processor and chat
-template); it is repeated here because test packages do not import each other's conftest.
-"""
+"""Tiny randomly initialised models of the real transformers/diffusers classes, built without the hub, so the
+real-model code paths (chat VLMs, diffusers pipeline, causal-LM refiner) run in tests. Shared by the MIR and the
+iterative-CIR tests; a word-level tokenizer stands in for each model's own, so each caller passes the words its
+prompts use."""
 from __future__ import annotations
 
 import json
@@ -59,14 +57,14 @@ def word_tokenizer(words: list[str] = WORDS, chat_template: str | None = None):
     return out
 
 
-def save_tiny_qwen2vl(folder: Path) -> Path:
+def save_tiny_qwen2vl(folder: Path, words: list[str] = WORDS) -> Path:
     """A 2-layer Qwen2-VL with its real processor (56 px images: 4 patches merged into 1 image token)."""
     import torch
     from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor,
                               Qwen2VLVideoProcessor)
 
     torch.manual_seed(0)
-    tok = word_tokenizer()
+    tok = word_tokenizer(words)
     ids = tok.convert_tokens_to_ids
     processor = Qwen2VLProcessor(
         image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=56 * 56, patch_size=14, merge_size=2,
@@ -115,13 +113,13 @@ def save_tiny_gemma3(folder: Path) -> Path:
     return folder
 
 
-def save_tiny_llava(folder: Path) -> Path:
+def save_tiny_llava(folder: Path, words: list[str] = WORDS) -> Path:
     """A 2-layer LLaVA (one image per turn) with its real processor, 28 px images."""
     import torch
     from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     torch.manual_seed(0)
-    tok = word_tokenizer()
+    tok = word_tokenizer(words)
     ids = tok.convert_tokens_to_ids
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}),

@@ -22,6 +22,12 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def weights_dtype(device: torch.device) -> torch.dtype:
+    """The dtype to load large pretrained models in: bf16 on CUDA (a 7B model does not fit in fp32 on one card),
+    fp32 on CPU. Passed to `from_pretrained`, never set as torch's global default."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

@@ -15,16 +15,11 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
-from core.device import autocast, get_device
+from core.device import autocast, get_device, weights_dtype
 from core.errors import InputError
 
 # Model types trained on one image per turn: callers paste a pair side by side (`side_by_side`) instead.
 SINGLE_IMAGE_TYPES = ("llava", "llava_next")
-
-
-def model_dtype(device: torch.device) -> torch.dtype:
-    """bf16 weights on CUDA (a 7B VLM does not fit in fp32 on one card), fp32 on CPU."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 class ChatVLM:
@@ -50,7 +45,7 @@ class ChatVLM:
         if name_or_path.startswith((".", "/", "~")) and not Path(name_or_path).expanduser().exists():
             raise InputError(name_or_path, "vlm", "VLM folder not found")
         device = device or get_device()
-        model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=model_dtype(device))
+        model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=weights_dtype(device))
         return cls(model, AutoProcessor.from_pretrained(name_or_path), name_or_path, device=device, **kwargs)
 
     @property

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from core.device import autocast, get_device
+from core.device import autocast, get_device, weights_dtype
 from core.encoders import DualEncoder, load_dual_encoder
 from core.errors import InputError
 
@@ -213,9 +213,8 @@ class DiffusersGenerator:
         from diffusers import AutoPipelineForText2Image
 
         self.device = device or get_device()
-        # The dtype goes to from_pretrained, never torch.set_default_dtype: other models in the process stay fp32.
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.pipe = pipeline if pipeline is not None else AutoPipelineForText2Image.from_pretrained(name_or_path, dtype=dtype)
+        self.pipe = pipeline if pipeline is not None else AutoPipelineForText2Image.from_pretrained(
+            name_or_path, dtype=weights_dtype(self.device))
         self.pipe = self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         self.model_id, self.steps, self.guidance, self.size, self.batch_size = name_or_path, steps, guidance, size, batch_size

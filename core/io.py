@@ -38,6 +38,17 @@ def atomic_write_jsonl(path: str | Path, rows: Sequence[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
+def save_figure(fig: Any, path: str | Path, dpi: int = 140) -> None:
+    """A matplotlib figure as a PNG, written atomically (a reader never sees half an image); closes the figure."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    tmp.replace(path)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

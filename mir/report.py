@@ -19,7 +19,7 @@ from PIL import Image
 
 from core.config import parse_config
 from core.errors import InputError
-from core.io import read_json
+from core.io import read_json, save_figure
 from core.logging import write_metrics
 from core.results import update_summary
 from mir.metrics import summarise
@@ -90,7 +90,7 @@ def plot_hits(table: dict[str, dict[str, Any]], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def dialogue_sheet(out: Path, rows: list[dict], targets: Sequence[str], image_root: Path, n: int, path: Path) -> None:
@@ -120,16 +120,7 @@ def dialogue_sheet(out: Path, rows: list[dict], targets: Sequence[str], image_ro
             ax.set_xticks([])
             ax.set_yticks([])
     fig.tight_layout()
-    _save(fig, path, dpi=170)
-
-
-def _save(fig: Any, path: Path, dpi: int = 140) -> None:
-    import matplotlib.pyplot as plt
-
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=dpi)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path, dpi=170)
 
 
 def hits_table(table: dict[str, dict[str, Any]]) -> str:

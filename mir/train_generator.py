@@ -4,7 +4,8 @@ generated-image → real-image retrieval on the test split.
 
 Reads the Karpathy JSON, the images and `dense_checkpoint`; writes `output_dir/checkpoint-last/`
 (UNet, EMA, optimizer, step, RNG: a killed run resumes), `checkpoint-best/` (the EMA UNet, loadable by
-`mir.generator.load_generator`), `metrics.json` and `samples.png` (caption, generated, real).
+`mir.generator.load_generator`), `metrics.json`, `samples.png` (caption, generated, real) and `denoising.png`
+(x0 predictions of noised test images: where detail is lost).
 
     python -m mir.train_generator --config configs/mir/generator_shapes.yaml --output_dir runs/shapes/mir/generator
 """
@@ -25,10 +26,11 @@ from core.config import parse_config, save_config
 from core.data import epoch_batches, load_karpathy
 from core.device import autocast, derive_seed, get_device, seed_everything, set_threads
 from core.encoders import load_dual_encoder
+from core.io import save_figure
 from core.logging import Tracker, progress, write_metrics
 from core.results import update_summary
 from mir.generator import (SHAPES_SCHEDULER, SHAPES_UNET, STAGE, TextConditioner, build_unet, load_shapes_generator,
-                           write_generator_files)
+                           to_pil, write_generator_files)
 
 
 @dataclass
@@ -74,14 +76,20 @@ class UNetWithEMA(torch.nn.Module):
 
 
 def load_train_pixels(cfg: TrainGeneratorConfig, resolution: int) -> tuple[torch.Tensor, list[tuple[str, ...]]]:
-    """Training images as [-1, 1] tensors at the UNet's resolution (box filter: clean down-sampling)."""
+    """Training images as [-1, 1] tensors at the UNet's resolution, with their captions."""
     records = load_karpathy(cfg.data_json, cfg.image_root, "train")
+    return load_pixels([r.path for r in progress(records, desc="loading train images")], resolution), \
+        [r.captions for r in records]
+
+
+def load_pixels(paths: Sequence[str | Path], resolution: int) -> torch.Tensor:
+    """Images as [-1, 1] tensors at `resolution` (box filter: clean down-sampling)."""
     pixels = []
-    for r in progress(records, desc="loading train images"):
-        with Image.open(r.path) as img:
+    for path in paths:
+        with Image.open(path) as img:
             small = img.convert("RGB").resize((resolution, resolution), Image.BOX)
         pixels.append(torch.from_numpy(np.asarray(small).copy()).permute(2, 0, 1))
-    return torch.stack(pixels).float() / 127.5 - 1.0, [r.captions for r in records]
+    return torch.stack(pixels).float() / 127.5 - 1.0
 
 
 def diffusion_loss(model: UNetWithEMA, noise_scheduler: Any, conditioner: TextConditioner, x0: torch.Tensor,
@@ -188,6 +196,35 @@ def evaluate_generator(cfg: TrainGeneratorConfig, folder: Path, encoder: Any, de
                     "corpus": len(records), "mean log rank": float(np.mean(np.log1p(rank)))})
     save_sample_sheet(folder.parent / "samples.png", [r.captions[0] for r in queries[:12]], fakes[:12],
                       [Image.open(r.path).convert("RGB") for r in queries[:12]])
+    metrics.update(denoising_probe(cfg, generator, queries[:6], folder.parent / "denoising.png"))
+    return metrics
+
+
+PROBE_TIMESTEPS = (50, 100, 300, 500, 700, 900)
+
+
+@torch.no_grad()
+def denoising_probe(cfg: TrainGeneratorConfig, generator: Any, records: Sequence[Any], path: Path) -> dict[str, float]:
+    """The model's x0 prediction for real test images noised to several levels, with their captions: shows at which
+    noise level detail is lost (a model that blurs even nearly clean inputs draws blobs whatever the sampler).
+    Writes `path` (rows: real, then noisy input and prediction per level) and returns the x0 MSE per level."""
+    from diffusers import DDPMScheduler
+
+    noise_scheduler = DDPMScheduler(**cfg.scheduler)
+    device = generator.device
+    x0 = load_pixels([r.path for r in records], generator.unet.resolution).to(device)
+    states, pooled, mask = generator.conditioner(generator.conditioner.tokens([r.captions[0] for r in records]).to(device))
+    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "probe"))
+    rows, labels, metrics = [to_pil(x0, cfg.image_size)], ["real"], {}
+    for t in PROBE_TIMESTEPS:
+        ts = torch.full((len(x0),), t, dtype=torch.long, device=device)
+        xt = noise_scheduler.add_noise(x0, torch.randn(x0.shape, generator=gen).to(device), ts)
+        with autocast(device):
+            pred = generator.unet(xt, ts, states, pooled, mask).float()
+        metrics[f"x0 MSE t={t}"] = float(torch.nn.functional.mse_loss(pred, x0))
+        rows += [to_pil(xt, cfg.image_size), to_pil(pred, cfg.image_size)]
+        labels += [f"t={t} input", f"t={t} x0 pred."]
+    save_image_grid(path, rows, labels)
     return metrics
 
 
@@ -229,10 +266,24 @@ def save_sample_sheet(path: Path, captions: list[str], fakes: list[Image.Image],
                 axes[i][j].set_ylabel(label)
         axes[0][j].set_title(_wrap(captions[j]), fontsize=5)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=130)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path, dpi=130)
+
+
+def save_image_grid(path: Path, rows: list[list[Image.Image]], labels: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(rows), len(rows[0]), figsize=(1.2 * len(rows[0]) + 0.8, 1.2 * len(rows)), squeeze=False)
+    for i, (row, label) in enumerate(zip(rows, labels)):
+        for j, img in enumerate(row):
+            axes[i][j].imshow(img)
+            axes[i][j].set_xticks([])
+            axes[i][j].set_yticks([])
+        axes[i][0].set_ylabel(label, fontsize=6)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=110)
 
 
 def _wrap(text: str, width: int = 24) -> str:

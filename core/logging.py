@@ -56,6 +56,28 @@ def _wandb_id(run_dir: Path) -> str:
     return hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
 
 
+class LossSpikeWatch:
+    """Flags a diverged run: the first step at which the smoothed training loss exceeds `factor` times the lowest
+    smoothed loss seen after `after` steps (a late jump that never recovers, not the noise of one batch)."""
+
+    def __init__(self, factor: float = 3.0, decay: float = 0.98, after: int = 200):
+        self.factor, self.decay, self.after = factor, decay, after
+        self.smoothed: float | None = None
+        self.best = float("inf")
+        self.tripped_at: int | None = None
+
+    def update(self, step: int, loss: float) -> bool:
+        """Feed one step's loss; True only on the step where the run is first judged diverged."""
+        self.smoothed = loss if self.smoothed is None else self.decay * self.smoothed + (1 - self.decay) * loss
+        if step < self.after or self.tripped_at is not None:
+            return False
+        self.best = min(self.best, self.smoothed)
+        if self.smoothed > self.factor * self.best:
+            self.tripped_at = step
+            return True
+        return False
+
+
 def write_metrics(run_dir: str | Path, metrics: Mapping[str, Any], name: str = "metrics.json") -> Path:
     path = Path(run_dir) / name
     atomic_write_json(path, dict(metrics))

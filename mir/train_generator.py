@@ -27,7 +27,7 @@ from core.data import epoch_batches, load_karpathy
 from core.device import autocast, derive_seed, get_device, seed_everything, set_threads
 from core.encoders import load_dual_encoder
 from core.io import save_figure
-from core.logging import Tracker, progress, write_metrics
+from core.logging import LossSpikeWatch, Tracker, progress, write_metrics
 from core.results import update_summary
 from mir.generator import (SHAPES_SCHEDULER, SHAPES_UNET, STAGE, TextConditioner, build_unet, load_shapes_generator,
                            to_pil, write_generator_files)
@@ -140,6 +140,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     n_batches = max(1, len(pixels) // cfg.batch_size)
     model.unet.train()
     t0 = time.time()
+    watch = LossSpikeWatch()
     bar = progress(range(step, cfg.steps), desc="training generator", initial=step, total=cfg.steps)
     for step in bar:
         # Batch, captions, noise and timesteps all come from (seed, step): a resumed run replays the same steps.
@@ -156,6 +157,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         model.update_ema(min(cfg.ema_decay, (1 + step) / (10 + step)))
         bar.set_postfix(loss=f"{loss.item():.4f}")
         tracker.log({"train/loss": loss.item()}, step=step)
+        if watch.update(step, loss.item()):
+            bar.write(f"warning: the generator's training loss jumped at step {step} (smoothed {watch.smoothed:.4f}, "
+                      f"best {watch.best:.4f}): training has diverged and its samples will degrade; rerun with a "
+                      f"lower --lr or fewer --steps (docs/mir.md)")
         done = step + 1
         if done % cfg.save_every == 0 or done == cfg.steps:
             save_checkpoint(out / LAST, stage=STAGE, model=model, step=done, optimizer=opt, scheduler=sched, config=cfg)
@@ -167,6 +172,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     save_checkpoint(best, stage=STAGE, model=model.ema, step=cfg.steps, config=cfg, model_files=files)
     metrics = evaluate_generator(cfg, best, encoder, device)
     metrics["train_seconds_this_run"] = round(train_s, 1)
+    if watch.tripped_at is not None:
+        metrics["diverged_at_step"] = watch.tripped_at
     write_metrics(out, metrics)
     tracker.log({f"eval/{k}": v for k, v in metrics.items()})
     tracker.finish()

@@ -8,7 +8,8 @@ source scripts/common.sh
 
 STEPS=$(fast_or 20 1000)  # quality first: see docs/mir.md for quality against steps and learning rate
 BATCH_SIZE=32
-LR=2e-3  # at 1000 steps: gen->real R@10 39.3 (2e-3), 39.0 (3e-3), 31.0 (1e-3; 40.7 only after 1500 steps)
+LR=2e-3  # at 1000 steps: gen->real R@10 39.3 (2e-3), 39.0 (3e-3), 31.0 (1e-3; 40.7 only after 1500 steps).
+         # 2e-3 diverges near step 1600: for longer runs use 1e-3 (docs/mir.md)
 EVAL_IMAGES=$(fast_or 40 300)
 SAMPLE_STEPS=$(fast_or 8 10)
 

@@ -184,12 +184,13 @@ class ShapesGenerator:
         x = noise_for(seeds, (3, res, res), self.device)
         self.scheduler.set_timesteps(self.steps)
         for t in self.scheduler.timesteps:
-            out = self._predict(torch.cat([x, x]), t, cond)
+            out = self.predict(torch.cat([x, x]), t, cond)
             guided = out[n:] + self.guidance * (out[:n] - out[n:])  # classifier-free guidance
             x = self.scheduler.step(guided, t, x, eta=0.0).prev_sample
         return to_pil(x, self.size)
 
-    def _predict(self, x: torch.Tensor, t: torch.Tensor, cond: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def predict(self, x: torch.Tensor, t: torch.Tensor, cond: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The UNet's output (x0 for the Shapes scheduler) at one timestep `t` for every row of `x`."""
         states, pooled, mask = cond
         with autocast(self.device):
             return self.unet(x, t.expand(len(x)), states, pooled, mask).float()

@@ -220,14 +220,13 @@ def denoising_probe(cfg: TrainGeneratorConfig, generator: Any, records: Sequence
     noise_scheduler = DDPMScheduler(**cfg.scheduler)
     device = generator.device
     x0 = load_pixels([r.path for r in records], generator.unet.resolution).to(device)
-    states, pooled, mask = generator.conditioner(generator.conditioner.tokens([r.captions[0] for r in records]).to(device))
+    cond = generator.conditioner(generator.conditioner.tokens([r.captions[0] for r in records]).to(device))
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "probe"))
     rows, labels, metrics = [to_pil(x0, cfg.image_size)], ["real"], {}
     for t in PROBE_TIMESTEPS:
         ts = torch.full((len(x0),), t, dtype=torch.long, device=device)
         xt = noise_scheduler.add_noise(x0, torch.randn(x0.shape, generator=gen).to(device), ts)
-        with autocast(device):
-            pred = generator.unet(xt, ts, states, pooled, mask).float()
+        pred = generator.predict(xt, ts[0], cond)
         metrics[f"x0 MSE t={t}"] = float(torch.nn.functional.mse_loss(pred, x0))
         rows += [to_pil(xt, cfg.image_size), to_pil(pred, cfg.image_size)]
         labels += [f"t={t} input", f"t={t} x0 pred."]

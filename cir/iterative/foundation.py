@@ -13,7 +13,7 @@ from PIL import Image
 
 from core.device import get_device
 from core.errors import InputError
-from core.vlm import ChatVLM, side_by_side  # noqa: F401  (side_by_side: part of this module's API)
+from core.vlm import ChatVLM, side_by_side
 from cir.iterative.manifest import hash_json, hash_model_source
 
 FOUNDATION_BACKBONES = ("mtst", "qwen2_vl", "llava")

@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 from cir.iterative.backbones import Qwen2VLEmbedder, last_token_pool, load_backbone
-from cir.iterative.foundation import LlavaFoundation, Qwen2VLFoundation, load_foundation_model, side_by_side
+from cir.iterative.foundation import LlavaFoundation, Qwen2VLFoundation, load_foundation_model
+from core.vlm import side_by_side
 from core.errors import InputError
 
 RED, BLUE = Image.new("RGB", (64, 64), (220, 30, 30)), Image.new("RGB", (48, 64), (30, 30, 220))

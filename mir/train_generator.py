@@ -26,11 +26,15 @@ from core.config import parse_config, save_config
 from core.data import epoch_batches, load_karpathy
 from core.device import autocast, derive_seed, get_device, seed_everything, set_threads
 from core.encoders import load_dual_encoder
+from core.errors import InputError
 from core.io import save_figure
 from core.logging import LossSpikeWatch, Tracker, progress, write_metrics
 from core.results import update_summary
+from core.shapes.make import SCENES_FILE, load_scenes
 from mir.generator import (SHAPES_SCHEDULER, SHAPES_UNET, STAGE, TextConditioner, build_unet, load_shapes_generator,
                            to_pil, write_generator_files)
+from mir.scene_reader import (READER_FILE, READER_RESOLUTION, complete_caption, load_or_train_reader, object_metrics,
+                              read_cells)
 
 
 @dataclass
@@ -53,6 +57,7 @@ class TrainGeneratorConfig:
     sample_steps: int = 20  # DDIM steps at evaluation
     guidance: float = 3.0
     image_size: int = 64  # generated images are up-sampled to the dense encoder's input size
+    world_dir: str = ""  # the Shapes world's folder with scenes.json, for object-level accuracy (empty: data_json's)
     sample_every: int = 0  # write a sheet of EMA samples every this many steps (0: only at the end)
     seed: int = 0
     threads: int = 0  # torch CPU threads; 0 = one per core, 1 when the CPU is shared with other busy jobs
@@ -83,13 +88,17 @@ def load_train_pixels(cfg: TrainGeneratorConfig, resolution: int) -> tuple[torch
 
 
 def load_pixels(paths: Sequence[str | Path], resolution: int) -> torch.Tensor:
-    """Images as [-1, 1] tensors at `resolution` (box filter: clean down-sampling)."""
-    pixels = []
+    """Image files as [-1, 1] tensors at `resolution` (box filter: clean down-sampling)."""
+    images = []
     for path in paths:
         with Image.open(path) as img:
-            small = img.convert("RGB").resize((resolution, resolution), Image.BOX)
-        pixels.append(torch.from_numpy(np.asarray(small).copy()).permute(2, 0, 1))
-    return torch.stack(pixels).float() / 127.5 - 1.0
+            images.append(img.convert("RGB"))
+    return images_to_pixels(images, resolution)
+
+
+def images_to_pixels(images: Sequence[Image.Image], resolution: int) -> torch.Tensor:
+    small = [img.convert("RGB").resize((resolution, resolution), Image.BOX) for img in images]
+    return torch.stack([torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1) for im in small]).float() / 127.5 - 1.0
 
 
 def diffusion_loss(model: UNetWithEMA, noise_scheduler: Any, conditioner: TextConditioner, x0: torch.Tensor,
@@ -179,6 +188,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     tracker.finish()
     print(f"generator: gen→real R@1/5/10 = {metrics['R@1']:.1f}/{metrics['R@5']:.1f}/{metrics['R@10']:.1f} "
           f"(chance R@10 = {metrics['chance R@10']:.1f}) over {metrics['N']} test captions")
+    if "object acc" in metrics:
+        print(f"generator: objects drawn right (shape and colour in the named cell) {metrics['object acc']:.1f} % "
+              f"(shape {metrics['shape acc']:.1f} %, colour {metrics['colour acc']:.1f} %), "
+              f"{metrics['extra objects / image']:.2f} extra objects an image, over {metrics['object eval captions']} "
+              f"captions naming every object; the reader scores {metrics['real object acc']:.1f} % on real images")
     if cfg.summary:
         update_summary(cfg.summary, "mir", {"generator (gen→real)": metrics})
     return metrics
@@ -204,7 +218,37 @@ def evaluate_generator(cfg: TrainGeneratorConfig, folder: Path, encoder: Any, de
     save_sample_sheet(folder.parent / "samples.png", [r.captions[0] for r in queries[:12]], fakes[:12],
                       [Image.open(r.path).convert("RGB") for r in queries[:12]])
     metrics.update(denoising_probe(cfg, generator, queries[:6], folder.parent / "denoising.png"))
+    metrics.update(object_accuracy(cfg, generator, records, folder.parent))
     return metrics
+
+
+def object_accuracy(cfg: TrainGeneratorConfig, generator: Any, records: Sequence[Any], out: Path) -> dict[str, float]:
+    """GenEval-style object check (mir.scene_reader): each of the first `eval_images` eval images that has a caption
+    naming every object is generated from that caption, and a reader trained on the real training images says
+    which shape and colour it sees in each grid cell. Returns {} with a note when the world's scenes.json is absent."""
+    world = Path(cfg.world_dir) if cfg.world_dir else Path(cfg.data_json).parent
+    if not (world / SCENES_FILE).is_file():
+        print(f"no {world / SCENES_FILE}: object-level accuracy skipped (it reads the Shapes world's scenes)")
+        return {}
+    scenes = {r.imgid: r.scene for r in load_scenes(world)}
+    missing = [r.imgid for r in records if r.imgid not in scenes]
+    if missing:
+        raise InputError(world / SCENES_FILE, "images", f"no scene for imgid {missing[0]} of {cfg.data_json}")
+    train = load_karpathy(cfg.data_json, cfg.image_root, "train")
+    reader = load_or_train_reader(out / READER_FILE, lambda: load_pixels([r.path for r in train], READER_RESOLUTION),
+                                  [scenes[r.imgid] for r in train], cfg.seed, progress=progress)
+    real = object_metrics(*read_cells(reader, load_pixels([r.path for r in records], READER_RESOLUTION)),
+                          [scenes[r.imgid] for r in records])
+    chosen = [(r, cap) for r in records[: cfg.eval_images] if (cap := complete_caption(r.captions, scenes[r.imgid]))]
+    if not chosen:
+        print("no eval image has a caption naming all its objects: object-level accuracy skipped")
+        return {}
+    fakes = generator.generate([cap for _, cap in chosen], [derive_seed(cfg.seed, "eval", r.imgid) for r, _ in chosen])
+    fake = object_metrics(*read_cells(reader, images_to_pixels(fakes, READER_RESOLUTION)),
+                          [scenes[r.imgid] for r, _ in chosen])
+    return {"object acc": fake["object acc"], "shape acc": fake["shape acc"], "colour acc": fake["colour acc"],
+            "extra objects / image": fake["extra objects / image"], "object eval captions": fake["images"],
+            "real object acc": real["object acc"], "real extra objects / image": real["extra objects / image"]}
 
 
 PROBE_TIMESTEPS = (50, 100, 300, 500, 700, 900)

@@ -39,7 +39,9 @@ def test_trained_generator_denoises_better_than_untrained(mir_generator, shapes_
     untrained_loss = _heldout_loss(untrained, conditioner, x0, texts)
     assert trained_loss < 0.6 * untrained_loss, (trained_loss, untrained_loss)
     metrics = json.loads((mir_generator / "metrics.json").read_text())
-    assert {"R@10", "chance R@10", "N", "x0 MSE t=50", "x0 MSE t=900"} <= set(metrics)
+    assert {"R@10", "chance R@10", "N", "x0 MSE t=50", "x0 MSE t=900", "object acc", "real object acc",
+            "extra objects / image", "object eval captions"} <= set(metrics)
+    assert metrics["object eval captions"] > 0 and (mir_generator / "scene_reader.pt").is_file()
     assert metrics["x0 MSE t=50"] < metrics["x0 MSE t=900"]  # nearly clean inputs are easier to denoise
     assert (mir_generator / "samples.png").is_file() and (mir_generator / "denoising.png").is_file()
 

@@ -1,0 +1,166 @@
+"""Object-level accuracy of generated Shapes images, in the spirit of GenEval (Ghosh et al., 2023).
+
+Gen→real recall says whether a generated image lands near its target in the dense embedding space; it does not
+say whether the image shows the objects its caption names. A `SceneReader` (a small CNN trained on the real
+training images and their scenes from `scenes.json`) reads any 32 px image back into a 3×3 grid of
+(shape or empty, colour or none). Applied to an image generated from a caption that names every object of a
+test scene, it gives per object: the right shape in the right cell, the right colour there, both; and the number
+of objects drawn in cells that the scene leaves empty (a duplicated or invented shape). Its accuracy on the real
+test images is reported beside, as the ceiling of what it can read.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from core.data import epoch_batches
+from core.shapes.world import COLOURS, GRID, SHAPES, Scene
+from mir.refiner import parse_caption
+
+SHAPE_CLASSES = ("empty", *SHAPES)
+COLOUR_CLASSES = ("none", *COLOURS)
+CELLS = GRID * GRID
+READER_RESOLUTION = 32  # the reader reads every image at this size (box filter), whatever the generator's
+READER_FILE = "scene_reader.pt"
+
+
+class SceneReader(torch.nn.Module):
+    """32 px RGB in [-1, 1] → per cell logits over SHAPE_CLASSES and COLOUR_CLASSES."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        w = width
+
+        def block(cin: int, cout: int) -> list[torch.nn.Module]:
+            return [torch.nn.Conv2d(cin, cout, 3, padding=1), torch.nn.BatchNorm2d(cout), torch.nn.ReLU()]
+
+        self.body = torch.nn.Sequential(*block(3, w), *block(w, w), torch.nn.MaxPool2d(2),
+                                        *block(w, 2 * w), *block(2 * w, 2 * w), torch.nn.MaxPool2d(2),
+                                        *block(2 * w, 4 * w))
+        self.shape_head = torch.nn.Conv2d(4 * w, len(SHAPE_CLASSES), 1)
+        self.colour_head = torch.nn.Conv2d(4 * w, len(COLOUR_CLASSES), 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = F.adaptive_avg_pool2d(self.body(x), GRID)  # one feature vector per grid cell
+        flat = lambda t: t.flatten(2).transpose(1, 2)  # noqa: E731  [B, C, 3, 3] → [B, 9, C]
+        return flat(self.shape_head(h)), flat(self.colour_head(h))
+
+
+def scene_labels(scene: Scene) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per cell (row-major) class indices: shape (0 = empty) and colour (0 = none)."""
+    shape, colour = torch.zeros(CELLS, dtype=torch.long), torch.zeros(CELLS, dtype=torch.long)
+    for o in scene.objects:
+        shape[o.row * GRID + o.col] = SHAPE_CLASSES.index(o.shape)
+        colour[o.row * GRID + o.col] = COLOUR_CLASSES.index(o.colour)
+    return shape, colour
+
+
+def _soften(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Half of a batch blurred by up to about a pixel: the reader must not call a slightly soft star 'empty'."""
+    kernel = torch.tensor([1.0, 2.0, 1.0])
+    kernel = (kernel[:, None] * kernel[None]) / 16
+    blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel.expand(3, 1, 3, 3).to(x), groups=3)
+    amount = torch.rand(len(x), 1, 1, 1, generator=gen).to(x) * (torch.rand(len(x), 1, 1, 1, generator=gen) < 0.5).to(x)
+    return x + amount * (blurred - x)
+
+
+def train_scene_reader(pixels: torch.Tensor, scenes: Sequence[Scene], epochs: int = 4, batch_size: int = 64,
+                       lr: float = 2e-3, seed: int = 0, progress=None) -> SceneReader:
+    """Fit a SceneReader on real images ([-1, 1], 32 px) and their scenes."""
+    if len(pixels) != len(scenes):
+        raise ValueError(f"{len(pixels)} images but {len(scenes)} scenes")
+    with torch.enable_grad():  # also when called from an evaluation under torch.no_grad
+        return _fit(pixels, scenes, epochs, batch_size, lr, seed, progress)
+
+
+def _fit(pixels: torch.Tensor, scenes: Sequence[Scene], epochs: int, batch_size: int, lr: float, seed: int,
+         progress) -> SceneReader:
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    reader = SceneReader().train()
+    labels = [scene_labels(s) for s in scenes]
+    shapes, colours = torch.stack([a for a, _ in labels]), torch.stack([b for _, b in labels])
+    opt = torch.optim.AdamW(reader.parameters(), lr=lr, weight_decay=1e-4)
+    n_batches = max(1, len(pixels) // batch_size)
+    steps = epochs * n_batches
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    it = range(steps) if progress is None else progress(range(steps), desc="training scene reader")
+    for step in it:
+        idx = torch.from_numpy(epoch_batches(len(pixels), batch_size, seed, step // n_batches)[step % n_batches])
+        shape_logits, colour_logits = reader(_soften(pixels[idx], gen))
+        loss = F.cross_entropy(shape_logits.flatten(0, 1), shapes[idx].flatten()) + \
+            F.cross_entropy(colour_logits.flatten(0, 1), colours[idx].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return reader.eval()
+
+
+@torch.no_grad()
+def read_cells(reader: SceneReader, pixels: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predicted per-cell (shape, colour) class indices, each [N, 9]."""
+    reader.eval()
+    shapes, colours = [], []
+    for i in range(0, len(pixels), batch_size):
+        s, c = reader(pixels[i:i + batch_size])
+        shapes.append(s.argmax(-1))
+        colours.append(c.argmax(-1))
+    return torch.cat(shapes), torch.cat(colours)
+
+
+def object_metrics(pred_shape: torch.Tensor, pred_colour: torch.Tensor, scenes: Sequence[Scene]) -> dict[str, float]:
+    """Per object of each scene: shape right in its cell, colour right there, both (all in %); and the mean
+    number of objects read in cells the scene leaves empty."""
+    shape_ok, colour_ok, both_ok, extra = [], [], [], []
+    for ps, pc, scene in zip(pred_shape.tolist(), pred_colour.tolist(), scenes):
+        true_shape, true_colour = (t.tolist() for t in scene_labels(scene))
+        for cell in range(CELLS):
+            if true_shape[cell] == 0:
+                continue
+            shape_ok.append(ps[cell] == true_shape[cell])
+            colour_ok.append(pc[cell] == true_colour[cell])
+            both_ok.append(shape_ok[-1] and colour_ok[-1])
+        extra.append(sum(1 for cell in range(CELLS) if true_shape[cell] == 0 and ps[cell] != 0))
+    pct = lambda v: 100.0 * float(np.mean(v)) if v else float("nan")  # noqa: E731
+    return {"object acc": pct(both_ok), "shape acc": pct(shape_ok), "colour acc": pct(colour_ok),
+            "extra objects / image": float(np.mean(extra)) if extra else float("nan"), "objects": len(both_ok),
+            "images": len(extra)}
+
+
+def names_every_object(caption: str, scene: Scene) -> bool:
+    """Whether the caption names each of the scene's objects with shape, colour, size and cell (and no other)."""
+    state = parse_caption(caption)
+    said = {(o.shape, o.colour, o.size, o.cell) for o in state.objects}
+    truth = {(o.shape, o.colour, o.size, o.cell) for o in scene.objects}
+    return len(state.objects) == len(scene.objects) and said == truth
+
+
+def complete_caption(captions: Sequence[str], scene: Scene) -> str | None:
+    """The first of an image's captions that names every object of its scene, if any."""
+    return next((c for c in captions if names_every_object(c, scene)), None)
+
+
+def load_or_train_reader(path: Path, load_train_pixels: Callable[[], torch.Tensor], train_scenes: Sequence[Scene],
+                         seed: int, epochs: int = 4, batch_size: int = 64, progress=None) -> SceneReader:
+    """The reader cached at `path` when it was trained on the same scenes with the same settings, else a new one
+    (written atomically: a killed run never leaves half a file)."""
+    key = hashlib.sha256(json.dumps([[s.to_dict() for s in train_scenes], seed, epochs, batch_size]).encode()).hexdigest()[:16]
+    if path.is_file():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved.get("key") == key:
+            reader = SceneReader()
+            reader.load_state_dict(saved["state_dict"])
+            return reader.eval()
+    reader = train_scene_reader(load_train_pixels(), train_scenes, epochs=epochs, batch_size=batch_size, seed=seed,
+                                progress=progress)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"key": key, "state_dict": reader.state_dict()}, tmp)
+    tmp.replace(path)
+    return reader

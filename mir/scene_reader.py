@@ -48,8 +48,12 @@ class SceneReader(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = F.adaptive_avg_pool2d(self.body(x), GRID)  # one feature vector per grid cell
-        flat = lambda t: t.flatten(2).transpose(1, 2)  # noqa: E731  [B, C, 3, 3] → [B, 9, C]
-        return flat(self.shape_head(h)), flat(self.colour_head(h))
+        return _per_cell(self.shape_head(h)), _per_cell(self.colour_head(h))
+
+
+def _per_cell(logits: torch.Tensor) -> torch.Tensor:
+    """[B, C, 3, 3] → [B, 9, C], cells in reading order."""
+    return logits.flatten(2).transpose(1, 2)
 
 
 def scene_labels(scene: Scene) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,7 +75,7 @@ def _soften(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def train_scene_reader(pixels: torch.Tensor, scenes: Sequence[Scene], epochs: int = 4, batch_size: int = 64,
-                       lr: float = 2e-3, seed: int = 0, progress=None) -> SceneReader:
+                       lr: float = 2e-3, seed: int = 0, progress: Callable | None = None) -> SceneReader:
     """Fit a SceneReader on real images ([-1, 1], 32 px) and their scenes."""
     if len(pixels) != len(scenes):
         raise ValueError(f"{len(pixels)} images but {len(scenes)} scenes")
@@ -80,7 +84,7 @@ def train_scene_reader(pixels: torch.Tensor, scenes: Sequence[Scene], epochs: in
 
 
 def _fit(pixels: torch.Tensor, scenes: Sequence[Scene], epochs: int, batch_size: int, lr: float, seed: int,
-         progress) -> SceneReader:
+         progress: Callable | None) -> SceneReader:
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     reader = SceneReader().train()
@@ -148,10 +152,12 @@ def complete_caption(captions: Sequence[str], scene: Scene) -> str | None:
 
 
 def load_or_train_reader(path: Path, load_train_pixels: Callable[[], torch.Tensor], train_scenes: Sequence[Scene],
-                         seed: int, epochs: int = 4, batch_size: int = 64, progress=None) -> SceneReader:
+                         seed: int, epochs: int = 4, batch_size: int = 64,
+                         progress: Callable | None = None) -> SceneReader:
     """The reader cached at `path` when it was trained on the same scenes with the same settings, else a new one
     (written atomically: a killed run never leaves half a file)."""
-    key = hashlib.sha256(json.dumps([[s.to_dict() for s in train_scenes], seed, epochs, batch_size]).encode()).hexdigest()[:16]
+    settings = [[s.to_dict() for s in train_scenes], seed, epochs, batch_size]
+    key = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:16]
     if path.is_file():
         saved = torch.load(path, map_location="cpu", weights_only=True)
         if saved.get("key") == key:

@@ -132,10 +132,12 @@ def object_metrics(pred_shape: torch.Tensor, pred_colour: torch.Tensor, scenes: 
             colour_ok.append(pc[cell] == true_colour[cell])
             both_ok.append(shape_ok[-1] and colour_ok[-1])
         extra.append(sum(1 for cell in range(CELLS) if true_shape[cell] == 0 and ps[cell] != 0))
-    pct = lambda v: 100.0 * float(np.mean(v)) if v else float("nan")  # noqa: E731
-    return {"object acc": pct(both_ok), "shape acc": pct(shape_ok), "colour acc": pct(colour_ok),
-            "extra objects / image": float(np.mean(extra)) if extra else float("nan"), "objects": len(both_ok),
-            "images": len(extra)}
+    return {"object acc": 100 * _mean(both_ok), "shape acc": 100 * _mean(shape_ok), "colour acc": 100 * _mean(colour_ok),
+            "extra objects / image": _mean(extra), "objects": len(both_ok), "images": len(extra)}
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(np.mean(values)) if len(values) else float("nan")
 
 
 def names_every_object(caption: str, scene: Scene) -> bool:

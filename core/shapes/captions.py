@@ -176,3 +176,81 @@ def caption_scene(scene: Scene, rng: np.random.Generator, n: int = 5) -> list[st
 def tokenize(sentence: str) -> list[str]:
     """Lower-case word tokens without punctuation, as in the Karpathy split files."""
     return re.findall(r"[a-z0-9]+(?:-[a-z0-9]+)*", sentence.lower())
+
+
+# --- hard-negative captions -------------------------------------------------------------------------------------
+# A caption with one attribute changed describes a different scene, so in contrastive training it is a negative that
+# only the changed word separates from the truth (as in NegCLIP). In-batch negatives alone almost always differ in
+# colour, so a dual encoder learns colour and size and ignores shape and position unless made to tell them apart.
+CONTRAST_KINDS = ("shape", "position", "colour", "size", "swap")
+
+
+def _word_pattern(phrases) -> re.Pattern:
+    alternatives = sorted(set(phrases), key=len, reverse=True)  # longest first: "the top middle" before "the top"
+    return re.compile(r"(?<![\w-])(" + "|".join(re.escape(p) for p in alternatives) + r")(?![\w-])")
+
+
+def _value_of(words: dict[str, tuple[str, ...]]) -> dict[str, str]:
+    return {w: value for value, synonyms in words.items() for w in synonyms}
+
+
+_SHAPE_OF, _COLOUR_OF, _SIZE_OF = _value_of(SHAPE_WORDS), _value_of(COLOUR_WORDS), _value_of(SIZE_WORDS)
+_CELL_OF = {f"{prep} {noun}": cell for cell in POSITION_NAMES
+            for noun, preps in _position_nouns(*cell) for prep in preps}
+_WORD_VALUES = {"shape": (_SHAPE_OF, SHAPE_WORDS), "colour": (_COLOUR_OF, COLOUR_WORDS), "size": (_SIZE_OF, SIZE_WORDS)}
+_PATTERNS = {"shape": _word_pattern(_SHAPE_OF), "colour": _word_pattern(_COLOUR_OF), "size": _word_pattern(_SIZE_OF),
+             "position": _word_pattern(_CELL_OF)}
+
+
+def contrast_caption(caption: str, rng: np.random.Generator, kinds=CONTRAST_KINDS) -> str | None:
+    """`caption` with one attribute changed: a shape, colour or size word for another value's word, a position
+    phrase for a cell the caption leaves free, or ("swap") the shapes of two differently shaped objects exchanged. The kind is drawn
+    from those of `kinds` that the caption offers; None when it offers none."""
+    unknown = set(kinds) - set(CONTRAST_KINDS)
+    if unknown:
+        raise ValueError(f"unknown contrast kinds {sorted(unknown)}; expected some of {CONTRAST_KINDS}")
+    matches = {k: _swappable_pairs(caption) if k == "swap" else list(_PATTERNS[k].finditer(caption)) for k in kinds}
+    offered = [k for k, found in matches.items() if found]
+    if not offered:
+        return None
+    kind = pick(rng, offered)
+    found = matches[kind]
+    if kind == "swap":
+        return _swap_shapes(caption, pick(rng, found))
+    m = pick(rng, found)
+    if kind == "position":
+        named = {_CELL_OF[f.group(1)] for f in found}  # one object per cell: move to a cell no object is said to be in
+        new_cell = pick(rng, [c for c in POSITION_NAMES if c not in named])
+        replacement = position_phrase(*new_cell, rng)
+    else:
+        value_of, words = _WORD_VALUES[kind]
+        new_value = pick(rng, [v for v in words if v != value_of[m.group(1)]])
+        replacement = pick(rng, words[new_value])
+    return caption[:m.start(1)] + replacement + caption[m.end(1):]
+
+
+def _descriptions(caption: str, shapes: list[re.Match]) -> list[tuple]:
+    """What each shape word's object is said to be: colours and sizes come before the shape word and the position
+    after it, so the text between two shape words holds the first one's position and the second one's attributes."""
+    bounds = [0] + [m.start() for m in shapes[1:]] + [len(caption)]
+    gaps = [caption[(shapes[i - 1].end() if i else 0):m.start()] for i, m in enumerate(shapes)]
+    after = [caption[m.end():bounds[i + 1]] for i, m in enumerate(shapes)]
+
+    def values(kind: str, text: str) -> tuple[str, ...]:
+        table = _CELL_OF if kind == "position" else _WORD_VALUES[kind][0]
+        return tuple(str(table[m.group(1)]) for m in _PATTERNS[kind].finditer(text))
+
+    return [(values("colour", g), values("size", g), values("position", a)) for g, a in zip(gaps, after)]
+
+
+def _swappable_pairs(caption: str) -> list[tuple[re.Match, re.Match]]:
+    """Pairs of shape words whose exchange changes the scene: different shapes on differently described objects."""
+    shapes = list(_PATTERNS["shape"].finditer(caption))
+    described = _descriptions(caption, shapes)
+    return [(shapes[i], shapes[j]) for i in range(len(shapes)) for j in range(i + 1, len(shapes))
+            if _SHAPE_OF[shapes[i].group(1)] != _SHAPE_OF[shapes[j].group(1)] and described[i] != described[j]]
+
+
+def _swap_shapes(caption: str, pair: tuple[re.Match, re.Match]) -> str:
+    a, b = pair
+    return caption[:a.start(1)] + b.group(1) + caption[a.end(1):b.start(1)] + a.group(1) + caption[b.end(1):]

@@ -205,3 +205,14 @@ def near_duplicates(
     if len(out) == n:
         return out
     raise InputError(None, "n", f"could not find {n} distinct one-edit variants of {scene_key(scene)}")
+
+
+def edited_twin(scene: Scene, rng: np.random.Generator, kinds: Sequence[str] | None = None,
+                image_size: int = 64) -> tuple["Image.Image", str]:
+    """A copy of `scene` with one random edit among `kinds`, rendered and captioned by the world's captioner: in a
+    contrastive batch it is a negative for `scene` that differs in one object's one attribute."""
+    from core.shapes.captions import caption_scene
+    from core.shapes.render import render
+
+    _, twin = random_edit(scene, rng, kinds)
+    return render(twin, image_size), caption_scene(twin, rng, n=1)[0]

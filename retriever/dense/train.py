@@ -18,14 +18,18 @@ from open_clip.loss import ClipLoss
 
 from core.checkpoint import BEST, LAST, BestTracker, read_meta, resume, save_checkpoint, unwrap
 from core.config import parse_config, save_config
-from core.data import ImageCaptionPairs, caption_queries, epoch_batches, load_images, load_karpathy
+from core.data import ImageCaptionPairs, ImageRecord, caption_queries, epoch_batches, load_images, load_karpathy
 from core.device import autocast, seed_everything
 from core.distributed import barrier, cleanup, init_distributed, wrap_model
 from core.encoders import SHAPES_ENCODER, build_dual_encoder
 from core.errors import InputError
 from core.logging import Tracker, format_table, progress, write_metrics
 from core.metrics import mean_recall, t2i_recall
+from core.shapes.captions import CONTRAST_KINDS, contrast_caption
+from core.shapes.edits import EDIT_KINDS, edited_twin, possible_kinds
+from core.shapes.make import SCENES_FILE, load_scenes, load_world_config
 from retriever.dense.common import encode_pixels, encode_texts
+from retriever.dense.loss import HardNegativeClipLoss
 
 STAGE = "dense"
 
@@ -47,6 +51,15 @@ class TrainConfig:
     eval_every: int = 0  # validate every N steps; 0 = at the end of each epoch
     save_every: int = 50  # write checkpoint-last every N steps
     max_val_images: int = 0  # validate on the first N val images (0 = all)
+    # Hard-negative captions (NegCLIP): each training caption with one attribute changed, in the Shapes world's
+    # vocabulary (core/shapes/captions.contrast_caption). Empty = plain CLIP loss (real datasets).
+    contrast_kinds: list = field(default_factory=list)
+    # Edited twins: each training image joined in the batch by a copy of its scene with one edit of these kinds
+    # (core/shapes/edits.py: colour, shape, size, move, add, remove), rendered and captioned by the world, so the
+    # batch holds image and caption negatives that differ in one attribute only. Needs the world's scenes.json
+    # (`world_dir`, default: data_json's folder). Empty = off (real datasets).
+    twin_edits: list = field(default_factory=list)
+    world_dir: str = ""
     seed: int = 0
     resume: bool = False  # continue from output_dir/checkpoint-last if it exists
     wandb_project: str = "genretrieval"
@@ -60,6 +73,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     val_records = load_karpathy(cfg.data_json, cfg.image_root, cfg.val_split)
     if cfg.max_val_images:
         val_records = val_records[:cfg.max_val_images]
+    unknown = set(cfg.contrast_kinds) - set(CONTRAST_KINDS)
+    if unknown:
+        raise InputError("config", "contrast_kinds",
+                         f"unknown kinds {sorted(unknown)}; expected some of {list(CONTRAST_KINDS)}")
+    twins = _TwinMaker(cfg, train_records) if cfg.twin_edits else None
     if len(train_records) < cfg.batch_size:
         raise InputError(cfg.data_json, "batch_size",
                          f"{cfg.batch_size} is larger than the training split ({len(train_records)} images)")
@@ -88,6 +106,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     val_pixels = load_images([r.path for r in val_records], model.preprocess, desc="loading val images")
     pairs = ImageCaptionPairs(train_records, pixels, seed=cfg.seed)
     loss_fn = ClipLoss(gather_with_grad=True, rank=dist.rank, world_size=dist.world_size)
+    hard_loss_fn = HardNegativeClipLoss(rank=dist.rank, world_size=dist.world_size)
     eval_every = cfg.eval_every or steps_per_epoch
 
     bar = progress(total=total_steps, initial=step, desc="training dense", enabled=dist.is_main)
@@ -99,10 +118,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             ddp_model.train()
             local = batch[dist.rank::dist.world_size]
             images = torch.stack([pairs[i][0] for i in local]).to(dist.device)
-            tokens = model.tokenize([pairs[i][1] for i in local]).to(dist.device)
+            captions = [pairs[i][1] for i in local]
+            if twins is not None:
+                twin_pixels, twin_captions = twins.make(local, model.preprocess, (cfg.seed, step, dist.rank))
+                images, captions = torch.cat([images, twin_pixels.to(dist.device)]), captions + twin_captions
+            tokens = model.tokenize(captions).to(dist.device)
             with autocast(dist.device):
+                if cfg.contrast_kinds:
+                    negatives, valid = _hard_negatives(captions, cfg.contrast_kinds, (cfg.seed, step, dist.rank))
+                    tokens = torch.cat([tokens, model.tokenize(negatives).to(dist.device)])
                 image_emb, text_emb, logit_scale = ddp_model(images, tokens)
-                loss = loss_fn(image_emb, text_emb, logit_scale)
+                if cfg.contrast_kinds:
+                    text_emb, negative_emb = text_emb.split(len(captions))
+                    loss = hard_loss_fn(image_emb, text_emb, negative_emb, valid.to(dist.device), logit_scale)
+                else:
+                    loss = loss_fn(image_emb, text_emb, logit_scale)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -130,6 +160,44 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     tracker.finish()
     cleanup(dist)
     return final
+
+
+def _hard_negatives(captions: list[str], kinds: list[str], seed: tuple[int, ...]) -> tuple[list[str], torch.Tensor]:
+    """One changed caption per caption (the caption itself, masked out, where nothing can be changed); drawn from
+    (seed, step, rank) so a resumed run replays the same negatives."""
+    rng = np.random.default_rng(seed)
+    changed = [contrast_caption(c, rng, kinds) for c in captions]
+    return [n if n is not None else c for n, c in zip(changed, captions)], torch.tensor([n is not None for n in changed])
+
+
+class _TwinMaker:
+    """Edited twins of training scenes (see TrainConfig.twin_edits), drawn from (seed, step, rank) so that a resumed
+    run replays them."""
+
+    def __init__(self, cfg: TrainConfig, records: Sequence[ImageRecord]):
+        world = Path(cfg.world_dir) if cfg.world_dir else Path(cfg.data_json).parent
+        if not (world / SCENES_FILE).is_file():
+            raise InputError(world / SCENES_FILE, "twin_edits", "edited twins need the Shapes world's scenes.json "
+                             "(set --world_dir, or --twin_edits [] for data without scenes)")
+        unknown = set(cfg.twin_edits) - set(EDIT_KINDS)
+        if unknown:
+            raise InputError("config", "twin_edits", f"unknown kinds {sorted(unknown)}; expected some of {list(EDIT_KINDS)}")
+        by_file = {r.filename: r.scene for r in load_scenes(world)}
+        missing = [r.filename for r in records if r.filename not in by_file]
+        if missing:
+            raise InputError(world / SCENES_FILE, "images", f"no scene for {len(missing)} training images, e.g. {missing[0]}")
+        self.scenes = [by_file[r.filename] for r in records]
+        self.kinds, self.image_size = list(cfg.twin_edits), load_world_config(world).image_size
+
+    def make(self, indices, preprocess, seed: tuple[int, ...]) -> tuple[torch.Tensor, list[str]]:
+        rng = np.random.default_rng(seed)
+        twins = [edited_twin(self.scenes[i], rng, self._applicable(self.scenes[i]), self.image_size) for i in indices]
+        return torch.stack([preprocess(image) for image, _ in twins]), [caption for _, caption in twins]
+
+    def _applicable(self, scene) -> list[str]:
+        # a one-object scene cannot lose an object and a full one cannot gain one: fall back to any edit
+        kinds = [k for k in self.kinds if k in possible_kinds(scene)]
+        return kinds or possible_kinds(scene)
 
 
 def _check_output_dir(out: Path, resuming: bool) -> None:

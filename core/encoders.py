@@ -86,6 +86,14 @@ def build_dual_encoder(spec: dict[str, Any] | None = None) -> DualEncoder:
     return DualEncoder(clip, preprocess, tokenizer, spec)
 
 
+def require_vit_image_tower(encoder: DualEncoder, source: str | Path | None, reader: str) -> None:
+    """Stages that read the image tower's patch tokens (ReT, the CIR retriever, the modification-text generator)
+    need a ViT; a ResNet tower (`vision.layers` given as a list) has feature maps of a different width per stage."""
+    if not hasattr(encoder.clip.visual, "transformer"):
+        raise InputError(source, "model.vision", f"{reader} reads a ViT image tower's patch tokens; this encoder's "
+                         f"image tower is {type(encoder.clip.visual).__name__}")
+
+
 def load_dual_encoder(folder: str | Path, map_location: str | torch.device = "cpu") -> DualEncoder:
     """Rebuild a saved encoder from `encoder.json` and load `model.pt` (a checkpoint folder works too)."""
     folder = Path(folder)

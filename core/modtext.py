@@ -117,9 +117,10 @@ class ImageTokens(nn.Module):
 
 def dense_image_tokens(dense_folder: str | Path) -> ImageTokens:
     """The frozen image tower of a trained dense retriever (`$RUN_DIR/dense/checkpoint-best`)."""
-    from core.encoders import load_dual_encoder
+    from core.encoders import load_dual_encoder, require_vit_image_tower
 
     encoder = load_dual_encoder(dense_folder)
+    require_vit_image_tower(encoder, dense_folder, "the image-token encoder (CIR, modification text)")
     width = int(encoder.clip.visual.ln_post.normalized_shape[0])
     return ImageTokens("dense", encoder, encoder.preprocess, width, {"dense_folder": str(dense_folder)})
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from core.encoders import DualEncoder, SHAPES_ENCODER, build_dual_encoder, load_dual_encoder
+from core.encoders import DualEncoder, SHAPES_ENCODER, build_dual_encoder, load_dual_encoder, require_vit_image_tower
 from core.errors import InputError
 from core.io import atomic_dir, atomic_write_json, read_json
 
@@ -132,6 +132,7 @@ class FrozenTowers(nn.Module):
 
     def __init__(self, encoder: DualEncoder):
         super().__init__()
+        require_vit_image_tower(encoder, "dense encoder", "ReT")
         self.encoder = encoder
         self.encoder.requires_grad_(False)
         self.encoder.eval()

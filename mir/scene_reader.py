@@ -20,11 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from core.data import epoch_batches
-from core.shapes.world import COLOURS, GRID, SHAPES, Scene
+from core.shapes.world import COLOUR_CLASSES, GRID, SHAPE_CLASSES, Scene, cell_classes
 from mir.refiner import parse_caption
 
-SHAPE_CLASSES = ("empty", *SHAPES)
-COLOUR_CLASSES = ("none", *COLOURS)
 CELLS = GRID * GRID
 READER_RESOLUTION = 32  # the reader reads every image at this size (box filter), whatever the generator's
 READER_FILE = "scene_reader.pt"
@@ -58,11 +56,8 @@ def _per_cell(logits: torch.Tensor) -> torch.Tensor:
 
 def scene_labels(scene: Scene) -> tuple[torch.Tensor, torch.Tensor]:
     """Per cell (row-major) class indices: shape (0 = empty) and colour (0 = none)."""
-    shape, colour = torch.zeros(CELLS, dtype=torch.long), torch.zeros(CELLS, dtype=torch.long)
-    for o in scene.objects:
-        shape[o.row * GRID + o.col] = SHAPE_CLASSES.index(o.shape)
-        colour[o.row * GRID + o.col] = COLOUR_CLASSES.index(o.colour)
-    return shape, colour
+    shape, colour = cell_classes(scene)
+    return torch.tensor(shape), torch.tensor(colour)
 
 
 def _soften(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

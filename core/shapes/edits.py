@@ -11,9 +11,12 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
+from PIL import Image
 
 from core.errors import InputError
-from core.shapes.captions import COLOUR_WORDS, SHAPE_WORDS, SIZE_WORDS, pick, describe_object, position_phrase, with_article
+from core.shapes.captions import (COLOUR_WORDS, SHAPE_WORDS, SIZE_WORDS, caption_scene, describe_object, pick,
+                                  position_phrase, with_article)
+from core.shapes.render import render
 from core.shapes.world import COLOURS, MAX_OBJECTS, SHAPES, SIZES, Obj, Scene, sample_object, scene_key
 
 EDIT_KINDS = ("colour", "shape", "size", "move", "add", "remove")
@@ -208,11 +211,8 @@ def near_duplicates(
 
 
 def edited_twin(scene: Scene, rng: np.random.Generator, kinds: Sequence[str] | None = None,
-                image_size: int = 64) -> tuple["Image.Image", str]:
+                image_size: int = 64) -> tuple[Image.Image, str]:
     """A copy of `scene` with one random edit among `kinds`, rendered and captioned by the world's captioner: in a
     contrastive batch it is a negative for `scene` that differs in one object's one attribute."""
-    from core.shapes.captions import caption_scene
-    from core.shapes.render import render
-
     _, twin = random_edit(scene, rng, kinds)
     return render(twin, image_size), caption_scene(twin, rng, n=1)[0]

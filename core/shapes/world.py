@@ -157,6 +157,20 @@ class SceneRecord:
         return cls(int(d["imgid"]), str(d["filename"]), str(d["split"]), Scene.from_dict(d["scene"], path))
 
 
+# Per-cell class indices of a scene, for models that read a grid back from pixels (0 = an empty cell).
+SHAPE_CLASSES = ("empty", *SHAPES)
+COLOUR_CLASSES = ("none", *COLOURS)
+
+
+def cell_classes(scene: Scene) -> tuple[list[int], list[int]]:
+    """Per cell, in reading order: the index of its shape in SHAPE_CLASSES and of its colour in COLOUR_CLASSES."""
+    shape, colour = [0] * (GRID * GRID), [0] * (GRID * GRID)
+    for o in scene.objects:
+        shape[o.row * GRID + o.col] = SHAPE_CLASSES.index(o.shape)
+        colour[o.row * GRID + o.col] = COLOUR_CLASSES.index(o.colour)
+    return shape, colour
+
+
 def sample_object(rng: np.random.Generator, row: int, col: int) -> Obj:
     """A random object in cell (row, col), jitter rounded so the JSON stays readable."""
     return Obj(

@@ -20,12 +20,13 @@ import torch
 
 from core.config import parse_config
 from core.data import load_images, load_karpathy
+from core.device import get_device
 from core.encoders import DualEncoder, load_dual_encoder
 from core.io import atomic_write_json
 from core.logging import format_table
 from core.shapes.captions import CONTRAST_KINDS, contrast_caption
 from core.shapes.make import load_scenes
-from core.shapes.world import GRID, SHAPES
+from core.shapes.world import SHAPE_CLASSES, SHAPES, cell_classes
 from retriever.dense.common import encode_pixels, encode_texts
 
 
@@ -45,8 +46,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     cfg = parse_config(ProbeConfig, argv)
     world = Path(cfg.world_dir)
     scenes = {r.filename: r.scene for r in load_scenes(world)}  # checked before any work
-    model = load_dual_encoder(cfg.checkpoint).eval()
-    device = torch.device("cpu")
+    device = get_device()
+    model = load_dual_encoder(cfg.checkpoint).to(device).eval()
     records = load_karpathy(world / "dataset_shapes.json", world / "images", cfg.split)[:cfg.max_images]
     train_records = load_karpathy(world / "dataset_shapes.json", world / "images", "train")[:cfg.probe_train_images]
     pixels = load_images([r.path for r in records], model.preprocess, desc=f"{cfg.split} images")
@@ -86,11 +87,7 @@ def caption_contrasts(model: DualEncoder, records, image_emb: torch.Tensor, devi
 
 def _cell_labels(records, scenes) -> torch.Tensor:
     """[n, 9]: 0 for an empty cell, 1 + the shape's index otherwise."""
-    labels = torch.zeros(len(records), GRID * GRID, dtype=torch.long)
-    for i, r in enumerate(records):
-        for obj in scenes[r.filename].objects:
-            labels[i, obj.row * GRID + obj.col] = 1 + SHAPES.index(obj.shape)
-    return labels
+    return torch.tensor([cell_classes(scenes[r.filename])[0] for r in records])
 
 
 def cell_probes(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
@@ -99,7 +96,7 @@ def cell_probes(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tens
     over occupied cells, with the all-empty baseline."""
     mean, std = train_x.mean(0), train_x.std(0) + 1e-6
     train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
-    classes = 1 + len(SHAPES)
+    classes = len(SHAPE_CLASSES)
     torch.manual_seed(seed)
     head = torch.nn.Linear(train_x.shape[1], train_y.shape[1] * classes)
     opt = torch.optim.Adam(head.parameters(), lr=1e-2)

@@ -58,7 +58,7 @@ class MIRConfig:
     n_targets: int = 300  # the first n dialogues; every mode runs on the same ones
     rounds: int = 10  # R: rounds 0..R are evaluated, feedback is given after rounds 0..R-1
     gen_steps: int = 20
-    guidance: float = 3.0
+    guidance: float = 2.0
     gen_size: int = 64
     user_max_new_tokens: int = 32
     batch_size: int = 64
@@ -162,7 +162,9 @@ class MIRRun:
     def round(self, eps: list[Episode], r: int) -> list[dict]:
         cfg = self.cfg
         t0 = time.time()
-        queries = [state_text(e.state) if cfg.mode != "image-query" else e.first_query for e in eps]
+        # Round 0 searches with the first query as the user gave it, as ChatIR's round 0 does (the refiner's
+        # rewording of it ranks differently); later rounds with the refined query.
+        queries = [e.first_query if r == 0 or cfg.mode == "image-query" else state_text(e.state) for e in eps]
         targets = [e.target for e in eps]
         ranks, tops = self.searcher.rank_texts(queries, targets, topk=2)
         t_retrieve = time.time() - t0

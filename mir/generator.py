@@ -1,9 +1,10 @@
 """Text-to-image generators behind one interface: `generate(prompts, seeds) -> list[PIL.Image]`.
 
 - `ShapesGenerator`: a small diffusers `UNet2DConditionModel` trained in the project (mir.train_generator)
-  on the Shapes training split, cross-attending to the per-token states of the project's dense text
-  tower and sampled with DDIM and classifier-free guidance. Its folder holds `model.pt` (UNet weights),
-  `unet.json`, `scheduler/` and `text_encoder/` (a copy of the dense checkpoint), so it loads alone.
+  on the Shapes training split, conditioned on the caption through the project's dense text tower (pooled
+  embedding) and a caption → layout encoder (mir.layout), sampled with DDIM and classifier-free guidance.
+  Its folder holds `model.pt` (UNet weights), `generator.json` (UNet and scheduler settings), `text_encoder/`
+  (a copy of the dense checkpoint) and `layout_encoder.pt`, so it loads alone.
 - `DiffusersGenerator`: any diffusers text-to-image pipeline by hub name or local path (SD3.5, FLUX, ...).
 
 Every image is drawn from a `torch.Generator` seeded per item, so a (prompt, seed) pair always gives
@@ -16,7 +17,7 @@ import copy
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, NamedTuple, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -25,22 +26,27 @@ from PIL import Image
 from core.device import autocast, get_device, weights_dtype
 from core.encoders import DualEncoder, load_dual_encoder
 from core.errors import InputError
+from core.shapes.world import GRID
+from mir.layout import LAYOUT_CHANNELS, LAYOUT_FILE, LayoutEncoder, layout_tokens, load_layout_encoder
 
 GENERATOR_FILE = "generator.json"
 STAGE = "mir-generator"
 
 # The UNet denoises 32 px images folded into 8×8 patches of 4×4 pixels (pixel-unshuffle: 48 channels), with two
-# coordinate channels added (plain convolutions cannot tell the top-left cell from the bottom-right one, and
-# every caption names cells). Cross-attention to the caption's tokens at 8×8 and 4×4, and the pooled caption
-# embedding added to the time embedding ("projection" class embedding), so every ResNet block sees the whole
-# sentence. On 2 CPU cores this is several times cheaper per step than a UNet over 32×32 pixels.
+# coordinate channels added (plain convolutions cannot tell the top-left cell from the bottom-right one) and the
+# caption's layout (mir.layout: per grid cell, which shape, colour and size) spread over the patches each cell
+# covers. The pooled caption embedding of the dense tower is added to the time embedding ("projection" class
+# embedding), so every ResNet block also sees the whole sentence. With the layout in the input, cross-attention
+# to the caption's tokens adds cost and no quality (docs/mir.md), so the blocks have none; on 2 CPU cores this
+# UNet takes a step in about a third of the time of the cross-attention one.
 SHAPES_UNET: dict[str, Any] = {
     "resolution": 32,
     "patch": 4,
     "layers_per_block": 1,
     "block_out_channels": [96, 192],
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "down_block_types": ["DownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "UpBlock2D"],
+    "mid_block_type": "UNetMidBlock2D",
     "attention_head_dim": 8,
     "norm_num_groups": 16,
     "class_embed_type": "projection",
@@ -64,30 +70,46 @@ class TextToImage(Protocol):
     def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image]: ...
 
 
-class TextConditioner(torch.nn.Module):
-    """The dense text tower as a conditioner: projected per-token states, the pooled embedding and a padding mask."""
+class Conditioning(NamedTuple):
+    """What the UNet reads of a caption: the dense tower's projected per-token states, its pooled embedding and a
+    padding mask; and, when the generator has a layout encoder, per-cell layout probabilities [B, C, 3, 3]."""
 
-    def __init__(self, encoder: DualEncoder):
+    states: torch.Tensor
+    pooled: torch.Tensor
+    mask: torch.Tensor
+    layout: torch.Tensor | None = None
+
+
+class TextConditioner(torch.nn.Module):
+    """The caption as the UNet reads it: the dense text tower, and the caption → layout encoder when there is one."""
+
+    def __init__(self, encoder: DualEncoder, layout: LayoutEncoder | None = None):
         super().__init__()
         self.encoder = encoder
+        self.layout = layout
 
     @property
     def dim(self) -> int:
         return self.encoder.embed_dim
 
-    def tokens(self, texts: Sequence[str]) -> torch.Tensor:
-        return self.encoder.tokenize(list(texts))
+    @property
+    def layout_channels(self) -> int:
+        return 0 if self.layout is None else LAYOUT_CHANNELS
 
     @torch.no_grad()
-    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, texts: Sequence[str]) -> Conditioning:
         clip = self.encoder.clip
+        tokens = self.encoder.tokenize(texts).to(clip.positional_embedding.device)
         x = clip.token_embedding(tokens) + clip.positional_embedding
         x = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask))
         proj = clip.text_projection
         states = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
         pooled = self.encoder.encode_text(tokens, normalize=True)
         mask = tokens != 0  # padding id of the CLIP tokenizer
-        return states, pooled, mask
+        layout = None
+        if self.layout is not None:  # its own, longer context: a fifth of the Shapes captions exceed the tower's 32
+            layout = self.layout.probabilities(layout_tokens(self.encoder.tokenizer, texts).to(tokens.device))
+        return Conditioning(states, pooled, mask, layout)
 
 
 def token_count(encoder: DualEncoder, text: str) -> int:
@@ -106,34 +128,51 @@ def context_length(encoder: DualEncoder) -> int:
 
 
 class PatchUNet(torch.nn.Module):
-    """A diffusers UNet2DConditionModel over pixel-unshuffled images plus coordinate channels (see SHAPES_UNET)."""
+    """A diffusers UNet2DConditionModel over pixel-unshuffled images plus coordinate channels (see SHAPES_UNET) and,
+    with `layout_channels`, the caption's per-cell layout spread over the patches each grid cell covers."""
 
-    def __init__(self, resolution: int, patch: int, unet_kwargs: dict[str, Any]):
+    def __init__(self, resolution: int, patch: int, unet_kwargs: dict[str, Any], layout_channels: int = 0):
         from diffusers import UNet2DConditionModel
 
         super().__init__()
         if resolution % patch:
             raise InputError(None, "unet.patch", f"{patch} must divide the resolution {resolution}")
-        self.resolution, self.patch = resolution, patch
+        self.resolution, self.patch, self.layout_channels = resolution, patch, layout_channels
         side = resolution // patch
         channels = 3 * patch * patch
-        self.unet = UNet2DConditionModel(sample_size=side, in_channels=channels + 2, out_channels=channels, **unet_kwargs)
+        self.unet = UNet2DConditionModel(sample_size=side, in_channels=channels + 2 + layout_channels,
+                                         out_channels=channels, **unet_kwargs)
         ys, xs = torch.meshgrid(torch.linspace(-1, 1, side), torch.linspace(-1, 1, side), indexing="ij")
         self.register_buffer("coords", torch.stack([ys, xs])[None], persistent=False)
+        self.register_buffer("cover", cell_cover(side, GRID), persistent=False)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor, pooled: torch.Tensor,
-                mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         z = torch.nn.functional.pixel_unshuffle(x, self.patch)
-        z = torch.cat([z, self.coords.expand(len(z), -1, -1, -1).to(z.dtype)], dim=1)
-        out = self.unet(z, t, encoder_hidden_states=states, class_labels=pooled, encoder_attention_mask=mask).sample
+        parts = [z, self.coords.expand(len(z), -1, -1, -1).to(z.dtype)]
+        if self.layout_channels:
+            if cond.layout is None:
+                raise ValueError("this UNet reads a layout, but the conditioning has none")
+            # Each patch gets the layout of the cells it overlaps, weighted by the overlap.
+            parts.append(torch.einsum("yi,bcij,xj->bcyx", self.cover, cond.layout, self.cover).to(z.dtype))
+        out = self.unet(torch.cat(parts, dim=1), t, encoder_hidden_states=cond.states, class_labels=cond.pooled,
+                        encoder_attention_mask=cond.mask).sample
         return torch.nn.functional.pixel_shuffle(out, self.patch)
 
 
-def build_unet(spec: dict[str, Any] | None, cond_dim: int) -> PatchUNet:
+def cell_cover(side: int, grid: int) -> torch.Tensor:
+    """[side, grid]: the share of each of `side` equal strips that falls in each of `grid` equal strips."""
+    edges = torch.linspace(0, 1, side + 1)
+    cells = torch.linspace(0, 1, grid + 1)
+    lo = torch.maximum(edges[:-1, None], cells[None, :-1])
+    hi = torch.minimum(edges[1:, None], cells[None, 1:])
+    return (hi - lo).clamp(min=0) * side
+
+
+def build_unet(spec: dict[str, Any] | None, cond_dim: int, layout_channels: int = 0) -> PatchUNet:
     spec = copy.deepcopy(spec if spec is not None else SHAPES_UNET)
     resolution, patch = int(spec.pop("resolution")), int(spec.pop("patch"))
     spec.update(cross_attention_dim=cond_dim, projection_class_embeddings_input_dim=cond_dim)
-    return PatchUNet(resolution, patch, spec)
+    return PatchUNet(resolution, patch, spec, layout_channels)
 
 
 def weights_digest(path: Path) -> str:
@@ -179,7 +218,7 @@ class ShapesGenerator:
 
     def _generate_batch(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
         n = len(prompts)
-        cond = self.conditioner(self.conditioner.tokens(prompts + [""] * n).to(self.device))
+        cond = self.conditioner(prompts + [""] * n)
         res = self.unet.resolution
         x = noise_for(seeds, (3, res, res), self.device)
         self.scheduler.set_timesteps(self.steps)
@@ -189,11 +228,10 @@ class ShapesGenerator:
             x = self.scheduler.step(guided, t, x, eta=0.0).prev_sample
         return to_pil(x, self.size)
 
-    def predict(self, x: torch.Tensor, t: torch.Tensor, cond: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The UNet's output (x0 for the Shapes scheduler) at one timestep `t` for every row of `x`."""
-        states, pooled, mask = cond
         with autocast(self.device):
-            return self.unet(x, t.expand(len(x)), states, pooled, mask).float()
+            return self.unet(x, t.expand(len(x)), cond).float()
 
 
 def to_pil(x: torch.Tensor, size: int) -> list[Image.Image]:
@@ -254,20 +292,25 @@ def load_shapes_generator(folder: str | Path, steps: int = 20, guidance: float =
     read_meta(folder, stage=STAGE)
     spec = json.loads((folder / GENERATOR_FILE).read_text())
     encoder = load_dual_encoder(folder / "text_encoder")
-    unet = build_unet(spec["unet"], encoder.embed_dim)
+    layout = load_layout_encoder(folder / LAYOUT_FILE) if (folder / LAYOUT_FILE).is_file() else None
+    conditioner = TextConditioner(encoder, layout)
+    unet = build_unet(spec["unet"], encoder.embed_dim, conditioner.layout_channels)
     unet.load_state_dict(torch.load(folder / "model.pt", map_location="cpu", weights_only=True))
     model_id = f"shapes-unet:{weights_digest(folder / 'model.pt')}"
-    return ShapesGenerator(unet, spec["scheduler"], TextConditioner(encoder), model_id, steps, guidance, size,
-                           device, batch_size)
+    if layout is not None:
+        model_id += f"+layout:{weights_digest(folder / LAYOUT_FILE)}"
+    return ShapesGenerator(unet, spec["scheduler"], conditioner, model_id, steps, guidance, size, device, batch_size)
 
 
 def write_generator_files(folder: Path, unet_spec: dict[str, Any], scheduler_spec: dict[str, Any],
-                          encoder: DualEncoder) -> None:
+                          conditioner: TextConditioner) -> None:
     """What a checkpoint folder needs besides model.pt to load as a generator on its own."""
     json_text = json.dumps({"type": "shapes", "unet": unet_spec, "scheduler": scheduler_spec}, indent=2)
     (folder / GENERATOR_FILE).write_text(json_text + "\n")
     (folder / "text_encoder").mkdir(exist_ok=True)
-    encoder.save(folder / "text_encoder")
+    conditioner.encoder.save(folder / "text_encoder")
+    if conditioner.layout is not None:
+        conditioner.layout.save(folder / LAYOUT_FILE)
 
 
 def image_key(model_id: str, prompt: str, seed: int, steps: int, guidance: float, size: int) -> str:

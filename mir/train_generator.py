@@ -1,9 +1,11 @@
-"""Train the Shapes text-to-image generator: a diffusers UNet2DConditionModel on the training split's
-images (down-sampled to `resolution`), conditioned on the frozen dense text tower, then measure
-generated-image → real-image retrieval on the test split.
+"""Train the Shapes text-to-image generator: first a caption → layout encoder (mir.layout) on the training split's
+captions and the world's scenes, then a diffusers UNet2DConditionModel on the training images (down-sampled to
+`resolution`) conditioned on that layout and the frozen dense text tower; then measure generated-image →
+real-image retrieval and the object check on the test split.
 
-Reads the Karpathy JSON, the images and `dense_checkpoint`; writes `output_dir/checkpoint-last/`
-(UNet, EMA, optimizer, step, RNG: a killed run resumes), `checkpoint-best/` (the EMA UNet, loadable by
+Reads the Karpathy JSON, the images, the world's `scenes.json` and `dense_checkpoint`; writes
+`output_dir/layout_encoder.pt` (cached: a rerun reuses it), `checkpoint-last/` (UNet, EMA, optimizer, step, RNG:
+a killed run resumes), `checkpoint-best/` (the EMA UNet with the text and layout encoders, loadable by
 `mir.generator.load_generator`), `metrics.json`, `samples.png` (caption, generated, real) and `denoising.png`
 (x0 predictions of noised test images: where detail is lost).
 
@@ -31,8 +33,10 @@ from core.io import save_figure
 from core.logging import LossSpikeWatch, Tracker, progress, write_metrics
 from core.results import update_summary
 from core.shapes.make import SCENES_FILE, load_scenes
+from core.shapes.world import Scene
 from mir.generator import (SHAPES_SCHEDULER, SHAPES_UNET, STAGE, TextConditioner, build_unet, load_shapes_generator,
                            to_pil, write_generator_files)
+from mir.layout import LAYOUT_FILE, LayoutEncoder, layout_accuracy, layout_tokens, load_or_train_layout
 from mir.scene_reader import (READER_FILE, READER_RESOLUTION, complete_caption, load_or_train_reader, object_metrics,
                               read_cells)
 
@@ -55,9 +59,11 @@ class TrainGeneratorConfig:
     eval_split: str = "test"
     eval_images: int = 300  # test images whose first caption is generated and searched for among all test images
     sample_steps: int = 20  # DDIM steps at evaluation
-    guidance: float = 3.0
+    guidance: float = 2.0
     image_size: int = 64  # generated images are up-sampled to the dense encoder's input size
-    world_dir: str = ""  # the Shapes world's folder with scenes.json, for object-level accuracy (empty: data_json's)
+    world_dir: str = ""  # the Shapes world's folder with scenes.json (empty: data_json's folder)
+    layout: bool = True  # draw from a caption → layout encoder trained on the world's scenes (mir.layout)
+    layout_epochs: int = 2  # training epochs of the layout encoder over the training captions
     sample_every: int = 0  # write a sheet of EMA samples every this many steps (0: only at the end)
     seed: int = 0
     threads: int = 0  # torch CPU threads; 0 = one per core, 1 when the CPU is shared with other busy jobs
@@ -113,9 +119,9 @@ def diffusion_loss(model: UNetWithEMA, noise_scheduler: Any, conditioner: TextCo
     target = {"sample": x0, "epsilon": noise}.get(kind)
     if kind == "v_prediction":
         target = noise_scheduler.get_velocity(x0, noise, t)
-    states, pooled, mask = conditioner(conditioner.tokens(captions).to(device))
+    cond = conditioner(captions)
     with autocast(device):
-        pred = model.unet(xt, t, states, pooled, mask)
+        pred = model.unet(xt, t, cond)
     return torch.nn.functional.mse_loss(pred.float(), target)
 
 
@@ -124,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
     cfg = parse_config(TrainGeneratorConfig, argv)
     read_meta(cfg.dense_checkpoint, stage="dense")
+    if cfg.layout:
+        require_scenes(cfg)
     out = Path(cfg.output_dir)
     best = out / BEST
     if (best / "meta.json").is_file() and read_meta(best, STAGE).get("step") == cfg.steps and (out / "metrics.json").is_file():
@@ -133,8 +141,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     set_threads(cfg.threads)
     device = get_device()
     encoder = load_dual_encoder(cfg.dense_checkpoint)
-    conditioner = TextConditioner(encoder).to(device).eval().requires_grad_(False)
-    model = UNetWithEMA(build_unet(cfg.unet, conditioner.dim)).to(device)
+    out.mkdir(parents=True, exist_ok=True)
+    layout = train_layout(cfg, encoder, out) if cfg.layout else None
+    conditioner = TextConditioner(encoder, layout).to(device).eval().requires_grad_(False)
+    model = UNetWithEMA(build_unet(cfg.unet, conditioner.dim, conditioner.layout_channels)).to(device)
     resolution = model.unet.resolution
     pixels, captions = load_train_pixels(cfg, resolution)
     noise_scheduler = DDPMScheduler(**cfg.scheduler)
@@ -177,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             _progress_samples(cfg, model, conditioner, out / f"samples_step{done:05d}.png", device)
             model.unet.train()
     train_s = time.time() - t0
-    files = lambda tmp: write_generator_files(tmp, cfg.unet, cfg.scheduler, encoder)  # noqa: E731
+    files = lambda tmp: write_generator_files(tmp, cfg.unet, cfg.scheduler, conditioner)  # noqa: E731
     save_checkpoint(best, stage=STAGE, model=model.ema, step=cfg.steps, config=cfg, model_files=files)
     metrics = evaluate_generator(cfg, best, encoder, device)
     metrics["train_seconds_this_run"] = round(train_s, 1)
@@ -222,33 +232,71 @@ def evaluate_generator(cfg: TrainGeneratorConfig, folder: Path, encoder: Any, de
     return metrics
 
 
+def scenes_path(cfg: TrainGeneratorConfig) -> Path:
+    """The world's `scenes.json`: in `world_dir`, or else beside the caption file."""
+    return (Path(cfg.world_dir) if cfg.world_dir else Path(cfg.data_json).parent) / SCENES_FILE
+
+
+def require_scenes(cfg: TrainGeneratorConfig) -> None:
+    if not scenes_path(cfg).is_file():
+        raise InputError(scenes_path(cfg), "world_dir", "the layout encoder learns from the Shapes world's scenes; "
+                         "pass --world_dir, or --layout false for a generator without one")
+
+
+def world_scenes(cfg: TrainGeneratorConfig) -> dict[int, Scene] | None:
+    """The world's scenes by image id; None when there is no scenes.json."""
+    path = scenes_path(cfg)
+    return {r.imgid: r.scene for r in load_scenes(path.parent)} if path.is_file() else None
+
+
+def scenes_of(cfg: TrainGeneratorConfig, scenes: dict[int, Scene], records: Sequence[Any]) -> list[Scene]:
+    missing = [r.imgid for r in records if r.imgid not in scenes]
+    if missing:
+        raise InputError(scenes_path(cfg), "images", f"no scene for imgid {missing[0]} of {cfg.data_json}")
+    return [scenes[r.imgid] for r in records]
+
+
+def train_layout(cfg: TrainGeneratorConfig, encoder: Any, out: Path) -> LayoutEncoder:
+    """The caption → layout encoder for the training split (cached in the run folder, so a resumed run reuses it)."""
+    train = load_karpathy(cfg.data_json, cfg.image_root, "train")
+    require_scenes(cfg)
+    scenes = scenes_of(cfg, world_scenes(cfg), train)
+    vocab = encoder.clip.token_embedding.num_embeddings
+    layout = load_or_train_layout(out / LAYOUT_FILE, lambda texts: layout_tokens(encoder.tokenizer, texts), vocab,
+                                  [r.captions for r in train], scenes, cfg.seed, cfg.layout_epochs, progress=progress)
+    return layout.eval().requires_grad_(False)
+
+
 def object_accuracy(cfg: TrainGeneratorConfig, generator: Any, records: Sequence[Any], out: Path) -> dict[str, float]:
     """GenEval-style object check (mir.scene_reader): each of the first `eval_images` eval images that has a caption
     naming every object is generated from that caption, and a reader trained on the real training images says
-    which shape and colour it sees in each grid cell. Returns {} with a note when the world's scenes.json is absent."""
-    world = Path(cfg.world_dir) if cfg.world_dir else Path(cfg.data_json).parent
-    if not (world / SCENES_FILE).is_file():
-        print(f"no {world / SCENES_FILE}: object-level accuracy skipped (it reads the Shapes world's scenes)")
+    which shape and colour it sees in each grid cell. With a layout encoder, also how often it reads those
+    captions right. Returns {} with a note when the world's scenes.json is absent."""
+    scenes = world_scenes(cfg)
+    if scenes is None:
+        print(f"no {SCENES_FILE} in the world's folder: object-level accuracy skipped (it reads the Shapes world's scenes)")
         return {}
-    scenes = {r.imgid: r.scene for r in load_scenes(world)}
-    missing = [r.imgid for r in records if r.imgid not in scenes]
-    if missing:
-        raise InputError(world / SCENES_FILE, "images", f"no scene for imgid {missing[0]} of {cfg.data_json}")
+    eval_scenes = scenes_of(cfg, scenes, records)
     train = load_karpathy(cfg.data_json, cfg.image_root, "train")
     reader = load_or_train_reader(out / READER_FILE, lambda: load_pixels([r.path for r in train], READER_RESOLUTION),
-                                  [scenes[r.imgid] for r in train], cfg.seed, progress=progress)
-    real = object_metrics(*read_cells(reader, load_pixels([r.path for r in records], READER_RESOLUTION)),
-                          [scenes[r.imgid] for r in records])
-    chosen = [(r, cap) for r in records[: cfg.eval_images] if (cap := complete_caption(r.captions, scenes[r.imgid]))]
+                                  scenes_of(cfg, scenes, train), cfg.seed, progress=progress)
+    real = object_metrics(*read_cells(reader, load_pixels([r.path for r in records], READER_RESOLUTION)), eval_scenes)
+    chosen = [(r, cap, scene) for r, scene in zip(records[: cfg.eval_images], eval_scenes)
+              if (cap := complete_caption(r.captions, scene))]
     if not chosen:
         print("no eval image has a caption naming all its objects: object-level accuracy skipped")
         return {}
-    fakes = generator.generate([cap for _, cap in chosen], [derive_seed(cfg.seed, "eval", r.imgid) for r, _ in chosen])
-    fake = object_metrics(*read_cells(reader, images_to_pixels(fakes, READER_RESOLUTION)),
-                          [scenes[r.imgid] for r, _ in chosen])
-    return {"object acc": fake["object acc"], "shape acc": fake["shape acc"], "colour acc": fake["colour acc"],
-            "extra objects / image": fake["extra objects / image"], "object eval captions": fake["images"],
-            "real object acc": real["object acc"], "real extra objects / image": real["extra objects / image"]}
+    captions, chosen_scenes = [c for _, c, _ in chosen], [s for _, _, s in chosen]
+    fakes = generator.generate(captions, [derive_seed(cfg.seed, "eval", r.imgid) for r, _, _ in chosen])
+    fake = object_metrics(*read_cells(reader, images_to_pixels(fakes, READER_RESOLUTION)), chosen_scenes)
+    metrics = {"object acc": fake["object acc"], "shape acc": fake["shape acc"], "colour acc": fake["colour acc"],
+               "extra objects / image": fake["extra objects / image"], "object eval captions": fake["images"],
+               "real object acc": real["object acc"], "real extra objects / image": real["extra objects / image"]}
+    layout = generator.conditioner.layout
+    if layout is not None:
+        tokens = layout_tokens(generator.conditioner.encoder.tokenizer, captions).to(generator.device)
+        metrics.update(layout_accuracy(layout, tokens, chosen_scenes))
+    return metrics
 
 
 PROBE_TIMESTEPS = (50, 100, 300, 500, 700, 900)
@@ -264,7 +312,7 @@ def denoising_probe(cfg: TrainGeneratorConfig, generator: Any, records: Sequence
     noise_scheduler = DDPMScheduler(**cfg.scheduler)
     device = generator.device
     x0 = load_pixels([r.path for r in records], generator.unet.resolution).to(device)
-    cond = generator.conditioner(generator.conditioner.tokens([r.captions[0] for r in records]).to(device))
+    cond = generator.conditioner([r.captions[0] for r in records])
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "probe"))
     rows, labels, metrics = [to_pil(x0, cfg.image_size)], ["real"], {}
     for t in PROBE_TIMESTEPS:

@@ -160,6 +160,7 @@ class SceneRecord:
 # Per-cell class indices of a scene, for models that read a grid back from pixels (0 = an empty cell).
 SHAPE_CLASSES = ("empty", *SHAPES)
 COLOUR_CLASSES = ("none", *COLOURS)
+SIZE_CLASSES = ("none", *SIZES)
 
 
 def cell_classes(scene: Scene) -> tuple[list[int], list[int]]:
@@ -169,6 +170,14 @@ def cell_classes(scene: Scene) -> tuple[list[int], list[int]]:
         shape[o.row * GRID + o.col] = SHAPE_CLASSES.index(o.shape)
         colour[o.row * GRID + o.col] = COLOUR_CLASSES.index(o.colour)
     return shape, colour
+
+
+def cell_size_classes(scene: Scene) -> list[int]:
+    """Per cell, in reading order: the index of its object's size in SIZE_CLASSES (0 = an empty cell)."""
+    size = [0] * (GRID * GRID)
+    for o in scene.objects:
+        size[o.row * GRID + o.col] = SIZE_CLASSES.index(o.size)
+    return size
 
 
 def sample_object(rng: np.random.Generator, row: int, col: int) -> Obj:

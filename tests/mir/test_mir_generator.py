@@ -8,8 +8,12 @@ import types
 import numpy as np
 import torch
 
+import pytest
+
 from core.encoders import load_dual_encoder
+from core.errors import InputError
 from mir.generator import ImageCache, TextConditioner, build_unet, load_generator
+from mir.layout import LAYOUT_FILE
 from mir.train_generator import diffusion_loss, load_train_pixels, TrainGeneratorConfig
 
 
@@ -31,16 +35,17 @@ def test_trained_generator_denoises_better_than_untrained(mir_generator, shapes_
     cfg = TrainGeneratorConfig(data_json=str(shapes_world / "dataset_shapes.json"), image_root=str(shapes_world / "images"))
     pixels, captions = load_train_pixels(cfg, 32)
     x0, texts = pixels[:48], [c[0] for c in captions[:48]]
-    conditioner = TextConditioner(load_dual_encoder(dense_checkpoint)).eval()
     trained = load_generator(mir_generator / "checkpoint-best", steps=4, guidance=2.0, size=64)
+    conditioner = trained.conditioner  # the dense tower and the caption → layout encoder, as saved with the UNet
+    assert conditioner.layout is not None and (mir_generator / "checkpoint-best" / LAYOUT_FILE).is_file()
     torch.manual_seed(0)
-    untrained = build_unet(TINY_UNET, conditioner.dim)
+    untrained = build_unet(TINY_UNET, conditioner.dim, conditioner.layout_channels)
     trained_loss = _heldout_loss(trained.unet, conditioner, x0, texts)
     untrained_loss = _heldout_loss(untrained, conditioner, x0, texts)
     assert trained_loss < 0.6 * untrained_loss, (trained_loss, untrained_loss)
     metrics = json.loads((mir_generator / "metrics.json").read_text())
     assert {"R@10", "chance R@10", "N", "x0 MSE t=50", "x0 MSE t=900", "object acc", "real object acc",
-            "extra objects / image", "object eval captions"} <= set(metrics)
+            "extra objects / image", "object eval captions", "layout object acc"} <= set(metrics)
     assert metrics["object eval captions"] > 0 and (mir_generator / "scene_reader.pt").is_file()
     assert metrics["x0 MSE t=50"] < metrics["x0 MSE t=900"]  # nearly clean inputs are easier to denoise
     assert (mir_generator / "samples.png").is_file() and (mir_generator / "denoising.png").is_file()
@@ -74,3 +79,32 @@ def test_generator_training_resumes_exactly(mir_generator, shapes_world, dense_c
     ours = torch.load(tmp_path / "g" / "checkpoint-last" / "model.pt", weights_only=True)
     ref = torch.load(mir_generator / "checkpoint-last" / "model.pt", weights_only=True)
     assert all(torch.equal(ours[k], ref[k]) for k in ref)
+
+
+def test_generator_without_scenes_is_refused_before_work(shapes_world, dense_checkpoint, tmp_path):
+    """The layout encoder learns from the world's scenes.json: a caption file without one is an error naming it."""
+    from mir import train_generator
+
+    lone = tmp_path / "captions_only"
+    lone.mkdir()
+    (lone / "dataset_shapes.json").write_text((shapes_world / "dataset_shapes.json").read_text())
+    args = ["--data_json", str(lone / "dataset_shapes.json"), "--image_root", str(shapes_world / "images"),
+            "--dense_checkpoint", str(dense_checkpoint), "--output_dir", str(tmp_path / "g"), "--steps", "2"]
+    with pytest.raises(InputError, match="scenes.json"):
+        train_generator.main(args)
+    assert not (tmp_path / "g").exists()
+
+
+def test_generator_without_layout_reads_the_dense_tower_alone(shapes_world, dense_checkpoint, tmp_path):
+    """`--layout false`: no layout channels, no layout file, and no scenes.json needed to train."""
+    from mir import train_generator
+    from tests.mir.conftest import TINY_UNET
+
+    args = ["--data_json", str(shapes_world / "dataset_shapes.json"), "--image_root", str(shapes_world / "images"),
+            "--dense_checkpoint", str(dense_checkpoint), "--output_dir", str(tmp_path / "g"), "--unet", json.dumps(TINY_UNET),
+            "--steps", "4", "--batch_size", "8", "--eval_images", "4", "--sample_steps", "2", "--layout", "false"]
+    train_generator.main(args)
+    gen = load_generator(tmp_path / "g" / "checkpoint-best", steps=2, guidance=2.0, size=64)
+    assert gen.conditioner.layout is None and gen.unet.layout_channels == 0
+    assert not (tmp_path / "g" / "checkpoint-best" / LAYOUT_FILE).exists()
+    assert gen.generate(["a red circle"], [0])[0].size == (64, 64)

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # The Shapes text-to-image generator (diffusers UNet2DConditionModel + DDPM/DDIM) on the training split, conditioned on
-# the dense text tower; then generated-image -> real-image R@K on the test split. Resumes from checkpoint-last;
+# the caption's layout (a caption -> layout encoder trained first) and the dense text tower; then generated-image ->
+# real-image R@K and the object check on the test split. Resumes from checkpoint-last;
 # skips when checkpoint-best already holds STEPS steps. -> $RUN_DIR/mir/generator/
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/common.sh
 
-STEPS=$(fast_or 20 1000)  # quality first: see docs/mir.md for quality against steps and learning rate
+STEPS=$(fast_or 20 2000)  # quality first: objects drawn right 58 % after 1000 steps, 81 % after 2000 (docs/mir.md)
 BATCH_SIZE=32
-LR=2e-3  # at 1000 steps: gen->real R@10 39.3 (2e-3), 39.0 (3e-3), 31.0 (1e-3; 40.7 only after 1500 steps).
-         # 2e-3 diverges near step 1600: for longer runs use 1e-3 (docs/mir.md)
+LR=2e-3  # the training prints a warning naming the step if the loss diverges (docs/mir.md)
 EVAL_IMAGES=$(fast_or 40 300)
 SAMPLE_STEPS=$(fast_or 8 10)
 

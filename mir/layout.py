@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from core.data import epoch_batches
+from core.fit import fit
 from core.shapes.world import COLOUR_CLASSES, GRID, SHAPE_CLASSES, SIZE_CLASSES, Scene, cell_classes, cell_size_classes
 
 CELLS = GRID * GRID
@@ -121,22 +121,11 @@ def train_layout_encoder(tokens: torch.Tensor, owner: torch.Tensor, scenes: Sequ
                          progress: Callable | None = None) -> LayoutEncoder:
     """Fit a LayoutEncoder on captions (`tokens` [N, L]) whose scene is `scenes[owner[i]]`."""
     torch.manual_seed(seed)
-    encoder = LayoutEncoder(torch.unique(tokens[tokens != 0]).tolist(), vocab_size, tokens.shape[1]).train()
+    encoder = LayoutEncoder(torch.unique(tokens[tokens != 0]).tolist(), vocab_size, tokens.shape[1])
     targets = torch.stack([layout_targets(s) for s in scenes])[owner]
-    opt = torch.optim.AdamW(encoder.parameters(), lr=lr, weight_decay=1e-4)
-    n_batches = max(1, len(tokens) // batch_size)
-    steps = epochs * n_batches
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    it = range(steps) if progress is None else progress(range(steps), desc="training caption → layout encoder")
-    with torch.enable_grad():
-        for step in it:
-            idx = torch.from_numpy(epoch_batches(len(tokens), batch_size, seed, step // n_batches)[step % n_batches])
-            loss = layout_loss(encoder(tokens[idx]), targets[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    return encoder.eval()
+    fit(encoder, len(tokens), lambda idx: layout_loss(encoder(tokens[idx]), targets[idx]), epochs, batch_size, lr,
+        seed, "training caption → layout encoder", progress, pct_start=0.1)
+    return encoder
 
 
 @torch.no_grad()

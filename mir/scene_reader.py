@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from core.data import epoch_batches
+from core.fit import fit
 from core.shapes.world import COLOUR_CLASSES, GRID, SHAPE_CLASSES, Scene, cell_classes
 from mir.refiner import parse_caption
 
@@ -74,32 +74,18 @@ def train_scene_reader(pixels: torch.Tensor, scenes: Sequence[Scene], epochs: in
     """Fit a SceneReader on real images ([-1, 1], 32 px) and their scenes."""
     if len(pixels) != len(scenes):
         raise ValueError(f"{len(pixels)} images but {len(scenes)} scenes")
-    with torch.enable_grad():  # also when called from an evaluation under torch.no_grad
-        return _fit(pixels, scenes, epochs, batch_size, lr, seed, progress)
-
-
-def _fit(pixels: torch.Tensor, scenes: Sequence[Scene], epochs: int, batch_size: int, lr: float, seed: int,
-         progress: Callable | None) -> SceneReader:
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    reader = SceneReader().train()
+    reader = SceneReader()
     labels = [scene_labels(s) for s in scenes]
     shapes, colours = torch.stack([a for a, _ in labels]), torch.stack([b for _, b in labels])
-    opt = torch.optim.AdamW(reader.parameters(), lr=lr, weight_decay=1e-4)
-    n_batches = max(1, len(pixels) // batch_size)
-    steps = epochs * n_batches
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-    it = range(steps) if progress is None else progress(range(steps), desc="training scene reader")
-    for step in it:
-        idx = torch.from_numpy(epoch_batches(len(pixels), batch_size, seed, step // n_batches)[step % n_batches])
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
         shape_logits, colour_logits = reader(_soften(pixels[idx], gen))
-        loss = F.cross_entropy(shape_logits.flatten(0, 1), shapes[idx].flatten()) + \
+        return F.cross_entropy(shape_logits.flatten(0, 1), shapes[idx].flatten()) + \
             F.cross_entropy(colour_logits.flatten(0, 1), colours[idx].flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    return reader.eval()
+
+    return fit(reader, len(pixels), batch_loss, epochs, batch_size, lr, seed, "training scene reader", progress)
 
 
 @torch.no_grad()

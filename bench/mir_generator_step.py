@@ -31,22 +31,31 @@ def step_seconds(unet: torch.nn.Module, conditioner: TextConditioner, batch: int
     """Mean wall time of a training step on random images (the cost does not depend on the data)."""
     from diffusers import DDPMScheduler
 
+    device = get_device()
+    unet, conditioner = unet.to(device), conditioner.to(device)
     scheduler = DDPMScheduler(**SHAPES_SCHEDULER)
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
-    x0 = torch.rand(batch, 3, unet.resolution, unet.resolution) * 2 - 1
+    x0 = torch.rand(batch, 3, unet.resolution, unet.resolution, device=device) * 2 - 1
     captions = [CAPTION] * batch
     times = []
     for i in range(steps + 2):  # two warm-up steps
+        synchronize(device)
         start = time.perf_counter()
-        t = torch.randint(0, 1000, (batch,))
+        t = torch.randint(0, 1000, (batch,), device=device)
         xt = scheduler.add_noise(x0, torch.randn_like(x0), t)
         loss = torch.nn.functional.mse_loss(unet(xt, t, conditioner(captions)), x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        synchronize(device)
         if i >= 2:
             times.append(time.perf_counter() - start)
     return sum(times) / len(times)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":  # CUDA kernels run asynchronously: wait for them before reading the clock
+        torch.cuda.synchronize()
 
 
 def images_per_second(unet: torch.nn.Module, conditioner: TextConditioner, n: int, sample_steps: int) -> float:

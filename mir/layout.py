@@ -22,13 +22,15 @@ import torch
 import torch.nn.functional as F
 
 from core.fit import fit
-from core.shapes.world import COLOUR_CLASSES, GRID, SHAPE_CLASSES, SIZE_CLASSES, Scene, cell_classes, cell_size_classes
+from core.shapes.world import COLOUR_CLASSES, GRID, SHAPE_CLASSES, SIZE_CLASSES, Scene, cell_classes
 
 CELLS = GRID * GRID
 GROUPS = (len(SHAPE_CLASSES), len(COLOUR_CLASSES), len(SIZE_CLASSES))
 LAYOUT_CHANNELS = sum(GROUPS)  # per cell: a distribution over shapes, one over colours, one over sizes
 LAYOUT_FILE = "layout_encoder.pt"
 LAYOUT_CONTEXT = 64  # tokens; the longest Shapes caption has 48, and the dense tower's context (32) cuts a fifth
+LAYOUT_SIZE = {"dim": 96, "layers": 2, "heads": 4}
+LAYOUT_FIT = {"batch_size": 64, "lr": 3e-3}  # 2 epochs at these read every complete test caption right
 
 
 def layout_tokens(tokenizer: Callable[..., torch.Tensor], texts: Sequence[str]) -> torch.Tensor:
@@ -106,8 +108,7 @@ def load_layout_encoder(path: str | Path) -> LayoutEncoder:
 
 def layout_targets(scene: Scene) -> torch.Tensor:
     """[9, 3] class indices per cell: shape, colour, size (0 = empty / none)."""
-    shape, colour = cell_classes(scene)
-    return torch.tensor([shape, colour, cell_size_classes(scene)]).T
+    return torch.tensor(cell_classes(scene)).T
 
 
 def layout_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -117,14 +118,13 @@ def layout_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def train_layout_encoder(tokens: torch.Tensor, owner: torch.Tensor, scenes: Sequence[Scene], vocab_size: int,
-                         epochs: int = 2, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
-                         progress: Callable | None = None) -> LayoutEncoder:
+                         epochs: int = 2, seed: int = 0, progress: Callable | None = None) -> LayoutEncoder:
     """Fit a LayoutEncoder on captions (`tokens` [N, L]) whose scene is `scenes[owner[i]]`."""
     torch.manual_seed(seed)
-    encoder = LayoutEncoder(torch.unique(tokens[tokens != 0]).tolist(), vocab_size, tokens.shape[1])
+    encoder = LayoutEncoder(torch.unique(tokens[tokens != 0]).tolist(), vocab_size, tokens.shape[1], **LAYOUT_SIZE)
     targets = torch.stack([layout_targets(s) for s in scenes])[owner]
-    fit(encoder, len(tokens), lambda idx: layout_loss(encoder(tokens[idx]), targets[idx]), epochs, batch_size, lr,
-        seed, "training caption → layout encoder", progress, pct_start=0.1)
+    fit(encoder, len(tokens), lambda idx: layout_loss(encoder(tokens[idx]), targets[idx]), epochs,
+        LAYOUT_FIT["batch_size"], LAYOUT_FIT["lr"], seed, "training caption → layout encoder", progress, pct_start=0.1)
     return encoder
 
 
@@ -134,7 +134,7 @@ def layout_accuracy(encoder: LayoutEncoder, tokens: torch.Tensor, scenes: Sequen
     empty cells read as empty (%)."""
     encoder.eval()
     pred = torch.stack([g.argmax(-1) for g in encoder(tokens).split(GROUPS, dim=-1)], dim=-1)
-    truth = torch.stack([layout_targets(s) for s in scenes])
+    truth = torch.stack([layout_targets(s) for s in scenes]).to(pred.device)
     occupied = truth[..., 0] != 0
     right = (pred == truth).all(-1)
     return {"layout object acc": float(100 * right[occupied].float().mean()),
@@ -146,7 +146,8 @@ def load_or_train_layout(path: Path, tokenize: Callable[[list[str]], torch.Tenso
                          progress: Callable | None = None) -> LayoutEncoder:
     """The encoder cached at `path` when it was trained on the same captions and scenes with the same settings,
     else a new one (written atomically: a killed run never leaves half a file)."""
-    settings = [[list(c) for c in captions], [s.to_dict() for s in scenes], vocab_size, seed, epochs]
+    settings = [[list(c) for c in captions], [s.to_dict() for s in scenes], vocab_size, seed, epochs, LAYOUT_CONTEXT,
+                LAYOUT_SIZE, LAYOUT_FIT]
     key = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:16]
     if path.is_file() and torch.load(path, map_location="cpu", weights_only=True).get("key") == key:
         return load_layout_encoder(path)

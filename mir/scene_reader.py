@@ -56,7 +56,7 @@ def _per_cell(logits: torch.Tensor) -> torch.Tensor:
 
 def scene_labels(scene: Scene) -> tuple[torch.Tensor, torch.Tensor]:
     """Per cell (row-major) class indices: shape (0 = empty) and colour (0 = none)."""
-    shape, colour = cell_classes(scene)
+    shape, colour, _ = cell_classes(scene)
     return torch.tensor(shape), torch.tensor(colour)
 
 

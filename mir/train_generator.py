@@ -144,6 +144,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     out.mkdir(parents=True, exist_ok=True)
     layout = train_layout(cfg, encoder, out) if cfg.layout else None
     conditioner = TextConditioner(encoder, layout).to(device).eval().requires_grad_(False)
+    # The UNet's first weights come from the seed alone, whether the layout encoder was trained now or cached.
+    torch.manual_seed(derive_seed(cfg.seed, "unet"))
     model = UNetWithEMA(build_unet(cfg.unet, conditioner.dim, conditioner.layout_channels)).to(device)
     resolution = model.unet.resolution
     pixels, captions = load_train_pixels(cfg, resolution)
@@ -259,7 +261,6 @@ def scenes_of(cfg: TrainGeneratorConfig, scenes: dict[int, Scene], records: Sequ
 def train_layout(cfg: TrainGeneratorConfig, encoder: Any, out: Path) -> LayoutEncoder:
     """The caption → layout encoder for the training split (cached in the run folder, so a resumed run reuses it)."""
     train = load_karpathy(cfg.data_json, cfg.image_root, "train")
-    require_scenes(cfg)
     scenes = scenes_of(cfg, world_scenes(cfg), train)
     vocab = encoder.clip.token_embedding.num_embeddings
     layout = load_or_train_layout(out / LAYOUT_FILE, lambda texts: layout_tokens(encoder.tokenizer, texts), vocab,

@@ -163,21 +163,15 @@ COLOUR_CLASSES = ("none", *COLOURS)
 SIZE_CLASSES = ("none", *SIZES)
 
 
-def cell_classes(scene: Scene) -> tuple[list[int], list[int]]:
-    """Per cell, in reading order: the index of its shape in SHAPE_CLASSES and of its colour in COLOUR_CLASSES."""
-    shape, colour = [0] * (GRID * GRID), [0] * (GRID * GRID)
+def cell_classes(scene: Scene) -> tuple[list[int], list[int], list[int]]:
+    """Per cell, in reading order: the index of its shape in SHAPE_CLASSES, of its colour in COLOUR_CLASSES and of
+    its size in SIZE_CLASSES (0 everywhere for an empty cell)."""
+    shape, colour, size = [0] * (GRID * GRID), [0] * (GRID * GRID), [0] * (GRID * GRID)
     for o in scene.objects:
-        shape[o.row * GRID + o.col] = SHAPE_CLASSES.index(o.shape)
-        colour[o.row * GRID + o.col] = COLOUR_CLASSES.index(o.colour)
-    return shape, colour
-
-
-def cell_size_classes(scene: Scene) -> list[int]:
-    """Per cell, in reading order: the index of its object's size in SIZE_CLASSES (0 = an empty cell)."""
-    size = [0] * (GRID * GRID)
-    for o in scene.objects:
-        size[o.row * GRID + o.col] = SIZE_CLASSES.index(o.size)
-    return size
+        cell = o.row * GRID + o.col
+        shape[cell], colour[cell] = SHAPE_CLASSES.index(o.shape), COLOUR_CLASSES.index(o.colour)
+        size[cell] = SIZE_CLASSES.index(o.size)
+    return shape, colour, size
 
 
 def sample_object(rng: np.random.Generator, row: int, col: int) -> Obj:

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
+# The main job's blocks (mir.generator.SHAPES_UNET: no cross-attention, the layout in the input), narrower.
 TINY_UNET = {"resolution": 32, "patch": 4, "layers_per_block": 1, "block_out_channels": [32, 32],
-             "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-             "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"], "attention_head_dim": 8,
-             "norm_num_groups": 8, "class_embed_type": "projection"}
+             "down_block_types": ["DownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "UpBlock2D"],
+             "mid_block_type": "UNetMidBlock2D", "attention_head_dim": 8, "norm_num_groups": 8,
+             "class_embed_type": "projection"}
 
 
 @pytest.fixture(scope="session")

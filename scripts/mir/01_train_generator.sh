@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/common.sh
 
-STEPS=$(fast_or 20 2000)  # quality first: objects drawn right 58 % after 1000 steps, 81 % after 2000 (docs/mir.md)
+STEPS=$(fast_or 20 2000)  # quality first: objects drawn right 60 % after 1000 steps, 81 % after 2000 (docs/mir.md)
 BATCH_SIZE=32
 LR=2e-3  # the training prints a warning naming the step if the loss diverges (docs/mir.md)
 EVAL_IMAGES=$(fast_or 40 300)

@@ -2,9 +2,9 @@
 
 The Shapes generator draws from this layout, as layout-grounded diffusion does (text → layout → image; LMD, Lian
 et al., 2023; GLIGEN, Li et al., 2023): the dense text tower hardly encodes where things are or which shape they
-have (docs/mir.md), and a UNet conditioned only on it leaves both to the noise. A `LayoutEncoder` is a small
-transformer over the caption's tokens (the dense tower's tokenizer, its own embeddings) with one learned query per
-grid cell; it is trained on the training split's captions against the world's `scenes.json`, and at generation
+have (docs/mir.md), and a UNet conditioned only on it leaves both to the noise. A `LayoutEncoder` is a
+bidirectional GRU and a small transformer over the caption's tokens (the dense tower's tokenizer, its own
+embeddings) with one learned query per grid cell; it is trained on the training split's captions against the world's `scenes.json`, and at generation
 time it reads text only. A partial caption ("a purple square and something else") gives spread-out
 probabilities, so the generator learns what to draw when the caption leaves a cell open.
 

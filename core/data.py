@@ -1,12 +1,16 @@
 """Image–caption data in the Karpathy split layout shared by Flickr30K, COCO and the Shapes world:
 `{"images": [{"filename", "imgid", "split", "sentences": [{"raw"}], "filepath"?}]}`.
 Images live at `image_root/[filepath/]filename`. Everything is validated when the file is opened.
+
+Pixels are never held for a whole split: `ImageDataset` / `ImageCaptionPairs` open one image per item and a
+`DataLoader` (`make_loader`, `LoaderOptions`) decodes them in worker processes.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -81,35 +85,158 @@ def caption_queries(records: Sequence[ImageRecord]) -> list[CaptionQuery]:
     return [CaptionQuery(c, s, r.imgid) for r in records for c, s in zip(r.captions, r.sentids)]
 
 
-def load_images(paths: Sequence[Path], preprocess: Callable[[Image.Image], torch.Tensor],
-                desc: str = "loading images") -> torch.Tensor:
-    """Preprocess every image into one tensor [n, 3, H, W] (small corpora: the Shapes world, fixtures)."""
-    tensors = []
-    for path in progress(paths, desc=desc):
+@dataclass
+class LoaderOptions:
+    """The DataLoader settings every image-reading entry point takes (its config dataclass inherits these)."""
+    num_workers: int = -1  # image-decoding worker processes; -1 = one per core beyond the first, at most 8
+    pin_memory: bool = True  # page-locked batches for faster host-to-GPU copies (used on CUDA only)
+    persistent_workers: bool = True  # keep the workers alive from one epoch to the next
+    verify_images: bool = False  # decode every listed image once before work starts and report all bad files
+
+
+def default_workers() -> int:
+    """One decoding worker per core beyond the one the main process trains on, at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cores - 1))
+
+
+def open_image(path: str | Path, listed_in: str | Path | None = None) -> Image.Image:
+    """An image file decoded in full as RGB; an unreadable, corrupt or truncated file is an InputError naming it
+    (and the split file that lists it)."""
+    try:
         with Image.open(path) as img:
-            tensors.append(preprocess(img.convert("RGB")))
-    return torch.stack(tensors)
+            img.load()  # decode now: a truncated file fails here, not later inside a transform
+            return img.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+        where = f" (listed in {listed_in})" if listed_in else ""
+        raise InputError(path, "image", f"cannot decode the image: {e}{where}") from None
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """One preprocessed image per item, opened from disk when asked for: memory does not grow with the corpus."""
+
+    def __init__(self, paths: Sequence[str | Path], preprocess: Callable[[Image.Image], torch.Tensor],
+                 listed_in: str | Path | None = None):
+        self.paths, self.preprocess, self.listed_in = [Path(p) for p in paths], preprocess, listed_in
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.preprocess(open_image(self.paths[index], self.listed_in))
+
+
+def make_loader(dataset: torch.utils.data.Dataset, options: LoaderOptions, *, batch_size: int | None = None,
+                batch_sampler: torch.utils.data.Sampler | None = None, device: torch.device | None = None,
+                collate_fn: Callable | None = None) -> torch.utils.data.DataLoader:
+    """A DataLoader with the project's settings: in order (batches come from `batch_sampler` when training),
+    `num_workers` decoding processes, pinned memory on CUDA."""
+    workers = options.num_workers if options.num_workers >= 0 else default_workers()
+    kwargs: dict = dict(num_workers=workers, collate_fn=collate_fn,
+                        pin_memory=options.pin_memory and device is not None and device.type == "cuda",
+                        persistent_workers=options.persistent_workers and workers > 0)
+    if batch_sampler is not None:
+        return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, **kwargs)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, **kwargs)
+
+
+def image_batches(paths: Sequence[str | Path], preprocess: Callable[[Image.Image], torch.Tensor],
+                  options: LoaderOptions, batch_size: int, device: torch.device | None = None,
+                  listed_in: str | Path | None = None, desc: str = "images") -> Iterator[torch.Tensor]:
+    """Preprocessed images in the order of `paths`, `batch_size` at a time, decoded by the loader's workers."""
+    if not len(paths):
+        return
+    loader = make_loader(ImageDataset(paths, preprocess, listed_in), options, batch_size=batch_size, device=device)
+    yield from progress(loader, desc=desc, unit="batch")
+
+
+class _Decodes(torch.utils.data.Dataset):
+    """Decodes one file and reports what went wrong, without raising, so one pass finds every bad file."""
+
+    def __init__(self, paths: Sequence[Path]):
+        self.paths = list(paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> str:
+        try:
+            open_image(self.paths[index])
+            return ""
+        except InputError as e:
+            return e.message
+
+
+def verify_images(paths: Sequence[str | Path], listed_in: str | Path | None = None,
+                  options: LoaderOptions | None = None) -> None:
+    """Decode every image once (with the loader's workers) and raise one InputError that lists every bad file."""
+    options = options or LoaderOptions()
+    paths = [Path(p) for p in paths]
+    loader = make_loader(_Decodes(paths), options, batch_size=64, collate_fn=list)
+    bad, row = [], 0
+    for problems in progress(loader, desc="verifying images", unit="batch"):
+        bad += [(paths[row + i], p) for i, p in enumerate(problems) if p]
+        row += len(problems)
+    if bad:
+        listing = "; ".join(f"{path}: {problem}" for path, problem in bad[:10])
+        more = f" (and {len(bad) - 10} more)" if len(bad) > 10 else ""
+        raise InputError(listed_in or bad[0][0], "images",
+                         f"{len(bad)} of {len(paths)} images cannot be decoded: {listing}{more}")
+
+
+def load_images_small(paths: Sequence[Path], preprocess: Callable[[Image.Image], torch.Tensor],
+                      desc: str = "loading images") -> torch.Tensor:
+    """Every image preprocessed into one tensor [n, 3, H, W]. For the tiny fixtures and a probe's few hundred
+    images only: a split's pixels are otherwise never held in memory (see ImageDataset)."""
+    return torch.stack([preprocess(open_image(p)) for p in progress(paths, desc=desc)])
 
 
 class ImageCaptionPairs(torch.utils.data.Dataset):
-    """One item per image with one of its captions, chosen afresh each epoch from (seed, epoch, index),
-    so an epoch never shows an image twice (no false in-batch negatives) and a resumed run replays it exactly."""
+    """Item `(epoch, index)`: the image opened from disk with one of its captions, chosen from (seed, epoch, index),
+    so an epoch never shows an image twice (no false in-batch negatives) and a resumed run replays it exactly.
+    The epoch travels with the index because persistent workers hold their own copy of the dataset."""
 
-    def __init__(self, records: Sequence[ImageRecord], pixels: torch.Tensor, seed: int = 0):
-        if len(records) != len(pixels):
-            raise ValueError("one pixel tensor per record expected")
-        self.records, self.pixels, self.seed, self.epoch = list(records), pixels, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def __init__(self, records: Sequence[ImageRecord], preprocess: Callable[[Image.Image], torch.Tensor],
+                 seed: int = 0, listed_in: str | Path | None = None):
+        self.records, self.preprocess, self.seed, self.listed_in = list(records), preprocess, seed, listed_in
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
-        rng = np.random.default_rng((self.seed, self.epoch, index))
+    def caption(self, epoch: int, index: int) -> str:
+        rng = np.random.default_rng((self.seed, epoch, index))
         captions = self.records[index].captions
-        return self.pixels[index], captions[int(rng.integers(len(captions)))]
+        return captions[int(rng.integers(len(captions)))]
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, str, int]:
+        epoch, index = item
+        pixels = self.preprocess(open_image(self.records[index].path, self.listed_in))
+        return pixels, self.caption(epoch, index), index
+
+
+class EpochBatchSampler(torch.utils.data.Sampler):
+    """This rank's share of each global batch of `epoch_batches(n, batch_size, seed, epoch)`, as `(epoch, index)`
+    items; `set_epoch(epoch, skip)` starts an epoch `skip` batches in, so a resumed run replays the rest exactly."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        if batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} is not a multiple of the world size {world_size}")
+        self.n, self.batch_size, self.seed, self.rank, self.world_size = n, batch_size, seed, rank, world_size
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def global_batches(self) -> list[np.ndarray]:
+        return epoch_batches(self.n, self.batch_size, self.seed, self.epoch)[self.skip:]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        share = self.batch_size // self.world_size
+        for batch in self.global_batches():
+            yield [(self.epoch, int(i)) for i in batch[self.rank * share:(self.rank + 1) * share]]
+
+    def __len__(self) -> int:
+        return len(self.global_batches())
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, drop_last: bool = True) -> list[np.ndarray]:

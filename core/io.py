@@ -111,26 +111,147 @@ def read_jsonl(path: str | Path, required: Sequence[str] = ()) -> list[dict]:
     return rows
 
 
-def save_embeddings(prefix: str | Path, matrix: np.ndarray, ids: Sequence) -> None:
-    """Write `{prefix}.npy` and `{prefix}_ids.json` (same order), the embedding contract of DESIGN §4."""
-    prefix = Path(prefix)
+EMBEDDING_DTYPE = np.float16  # half the disk and page cache of float32; recall is unchanged at 4 decimal places
+
+
+def _npy(prefix: Path, shard: str = "") -> Path:
+    return prefix.with_name(f"{prefix.name}{shard}.npy")
+
+
+def _ids_path(prefix: Path, shard: str = "") -> Path:
+    return prefix.with_name(f"{prefix.name}{shard}_ids.json")
+
+
+def _manifest_path(prefix: Path) -> Path:
+    return prefix.with_name(prefix.name + ".shards.json")
+
+
+def _shard_tag(rank: int, world_size: int) -> str:
+    return f".rank{rank}-of-{world_size}"
+
+
+class EmbeddingWriter:
+    """Rows written to disk as they are made: `{prefix}.npy` (float16, a memory-mapped .npy) + `{prefix}_ids.json`.
+    Under torchrun each rank writes its own shard `{prefix}.rank{r}-of-{w}.npy` and rank 0 a manifest
+    `{prefix}.shards.json`; `open_embeddings` reads either form back by memory map. Files appear under their
+    final names only when `close()` completes, so a killed run leaves nothing half-written."""
+
+    def __init__(self, prefix: str | Path, rows: int, dim: int, rank: int = 0, world_size: int = 1,
+                 dtype: np.dtype = EMBEDDING_DTYPE):
+        self.prefix, self.rank, self.world_size = Path(prefix), rank, world_size
+        self.shard = _shard_tag(rank, world_size) if world_size > 1 else ""
+        self.prefix.parent.mkdir(parents=True, exist_ok=True)
+        self.final = _npy(self.prefix, self.shard)
+        self.tmp = self.final.with_name(f".{self.final.name}.{os.getpid()}.tmp")
+        self.matrix = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=dtype, shape=(rows, dim))
+        self.filled = 0
+
+    def write(self, block: np.ndarray) -> None:
+        end = self.filled + len(block)
+        if end > len(self.matrix):
+            raise ValueError(f"{end} rows written to {self.final}, which was made for {len(self.matrix)}")
+        self.matrix[self.filled:end] = block
+        self.filled = end
+
+    def close(self, ids: Sequence, made_by: dict | None = None) -> None:
+        """Finish the shard with its ids (same order as the rows) and what made it (see `embeddings_made_by`)."""
+        if self.filled != len(self.matrix) or len(ids) != self.filled:
+            raise ValueError(f"{self.final}: {self.filled} rows written, {len(self.matrix)} expected, {len(ids)} ids")
+        self.matrix.flush()
+        del self.matrix
+        os.replace(self.tmp, self.final)
+        atomic_write_json(_ids_path(self.prefix, self.shard), list(ids), indent=None)
+        if self.rank == 0:
+            manifest = {"shards": [_npy(self.prefix, _shard_tag(r, self.world_size) if self.world_size > 1 else "").name
+                                   for r in range(self.world_size)], "made_by": made_by or {}}
+            atomic_write_json(_manifest_path(self.prefix), manifest)
+
+    def abort(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.tmp)
+
+
+def save_embeddings(prefix: str | Path, matrix: np.ndarray, ids: Sequence, made_by: dict | None = None) -> None:
+    """Write a whole matrix at once in the format of `EmbeddingWriter` (one shard)."""
     if len(matrix) != len(ids):
         raise ValueError(f"{len(matrix)} vectors but {len(ids)} ids for {prefix}")
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    tmp = prefix.with_name(prefix.name + ".tmp.npy")
-    np.save(tmp, np.ascontiguousarray(matrix, dtype=np.float32))
-    os.replace(tmp, prefix.with_name(prefix.name + ".npy"))
-    atomic_write_json(prefix.with_name(prefix.name + "_ids.json"), list(ids), indent=None)
+    writer = EmbeddingWriter(prefix, len(matrix), matrix.shape[1] if matrix.ndim == 2 else 0)
+    writer.write(np.asarray(matrix))
+    writer.close(ids, made_by)
 
 
-def load_embeddings(prefix: str | Path) -> tuple[np.ndarray, list]:
+class ShardedRows:
+    """Several memory-mapped shards read as one [n, d] matrix without joining them in memory: `len`, `shape`,
+    row slicing and index arrays read only the rows asked for; `blocks()` walks the rows in order."""
+
+    def __init__(self, shards: Sequence[np.ndarray]):
+        self.shards = list(shards)
+        self.starts = np.cumsum([0] + [len(s) for s in self.shards])
+        self.shape = (int(self.starts[-1]), self.shards[0].shape[1])
+        self.dtype = self.shards[0].dtype
+        self.ndim = 2
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows) -> np.ndarray:
+        if isinstance(rows, (int, np.integer)):
+            return self[np.array([rows])][0]
+        index = np.arange(len(self))[rows]
+        shard = np.searchsorted(self.starts, index, side="right") - 1
+        out = np.empty((len(index), self.shape[1]), dtype=self.dtype)
+        for s in np.unique(shard):
+            mask = shard == s
+            out[mask] = self.shards[s][index[mask] - self.starts[s]]
+        return out
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        # joins the shards in memory: for small matrices only; large consumers use blocks()
+        joined = np.concatenate(self.shards)
+        return joined.astype(dtype) if dtype is not None else joined
+
+    def astype(self, dtype) -> np.ndarray:
+        return np.asarray(self, dtype=dtype)
+
+    def blocks(self, rows: int = 65536) -> Iterator[np.ndarray]:
+        for shard in self.shards:
+            for i in range(0, len(shard), rows):
+                yield shard[i:i + rows]
+
+
+def open_embeddings(prefix: str | Path) -> tuple[np.ndarray | ShardedRows, list]:
+    """Stored embeddings by memory map, as stored (float16), and their ids: one shard as a read-only np.memmap,
+    several as `ShardedRows`. Nothing is read into memory until rows are used."""
     prefix = Path(prefix)
-    npy = prefix.with_name(prefix.name + ".npy")
-    ids_path = prefix.with_name(prefix.name + "_ids.json")
-    if not npy.is_file():
-        raise InputError(npy, None, "embedding file not found")
-    matrix = np.load(npy)
-    ids = read_json(ids_path)
-    if len(ids) != len(matrix):
-        raise InputError(ids_path, None, f"{len(ids)} ids for {len(matrix)} vectors in {npy.name}")
-    return matrix, ids
+    manifest_path = _manifest_path(prefix)
+    if manifest_path.is_file():
+        names = read_json(manifest_path, required=["shards"])["shards"]
+    elif _npy(prefix).is_file():
+        names = [_npy(prefix).name]
+    else:
+        raise InputError(_npy(prefix), None, "embedding file not found")
+    shards, ids = [], []
+    for name in names:
+        npy = prefix.with_name(name)
+        if not npy.is_file():
+            raise InputError(npy, None, f"embedding shard listed in {manifest_path.name} not found")
+        matrix = np.load(npy, mmap_mode="r")
+        shard_ids = read_json(npy.with_name(npy.name[:-len(".npy")] + "_ids.json"))
+        if len(shard_ids) != len(matrix):
+            raise InputError(npy, None, f"{len(shard_ids)} ids for {len(matrix)} vectors")
+        shards.append(matrix)
+        ids += shard_ids
+    return (shards[0] if len(shards) == 1 else ShardedRows(shards)), ids
+
+
+def load_embeddings(prefix: str | Path, dtype: np.dtype = np.float32) -> tuple[np.ndarray, list]:
+    """Stored embeddings as one in-memory matrix of `dtype` (float32 for arithmetic) and their ids. For matrices
+    a stage holds anyway (a training split's vectors); walk `open_embeddings` for a corpus-sized one."""
+    matrix, ids = open_embeddings(prefix)
+    return np.asarray(matrix, dtype=dtype), ids
+
+
+def embeddings_made_by(prefix: str | Path) -> dict:
+    """What made stored embeddings (model, preprocessing, corpus), `{}` when unknown."""
+    path = _manifest_path(Path(prefix))
+    return read_json(path).get("made_by", {}) if path.is_file() else {}

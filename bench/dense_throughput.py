@@ -16,12 +16,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from core.data import caption_queries, load_images, load_karpathy
+from core.data import LoaderOptions, caption_queries, load_karpathy
 from core.device import get_device
 from core.encoders import load_dual_encoder
 from core.index import VectorIndex
 from core.io import atomic_write_json
-from retriever.dense.common import encode_pixels, encode_texts
+from retriever.dense.common import encode_image_files, encode_texts
 
 
 def rate(n: int, fn) -> float:
@@ -44,12 +44,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     model = load_dual_encoder(args.checkpoint).to(device)
     data = Path(args.data_dir)
     records = load_karpathy(data / "dataset_shapes.json", data / "images", args.split)
-    pixels = load_images([r.path for r in records], model.preprocess)
+    paths, options = [r.path for r in records], LoaderOptions()
     texts = [q.text for q in caption_queries(records)]
-    encode_pixels(model, pixels[:64], device)  # warm-up
+    encode_image_files(model, paths[:64], device, options)  # warm-up
     results = {
         "device": str(device), "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-        "images_per_s": rate(len(pixels), lambda: encode_pixels(model, pixels, device)),
+        # images decoded from disk by the loader's workers, as the encode step reads them
+        "images_per_s": rate(len(paths), lambda: encode_image_files(model, paths, device, options)),
         "captions_per_s": rate(len(texts), lambda: encode_texts(model, texts, device)),
         "search": [],
     }

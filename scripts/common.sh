@@ -17,3 +17,16 @@ fast_or() { if [ "$FAST" = "1" ]; then echo "$1"; else echo "$2"; fi; }
 
 # stage_time NAME START: print how long a stage took.
 stage_time() { echo "[$1] finished in $(( $(date +%s) - $2 ))s"; }
+
+# launch MODULE ARGS...: `python -m MODULE ARGS` in one process, or under torchrun when NPROC > 1 (processes per
+# node) or NNODES > 1 (several machines meeting at RDZV_ENDPOINT=host:port, the same RDZV_ID on every node).
+export NPROC="${NPROC:-1}" NNODES="${NNODES:-1}"
+launch() {
+  if [ "$NPROC" -gt 1 ] || [ "$NNODES" -gt 1 ]; then
+    local rdzv=(--standalone)
+    [ "$NNODES" -gt 1 ] && rdzv=(--nnodes "$NNODES" --rdzv_backend c10d --rdzv_endpoint "${RDZV_ENDPOINT:?set RDZV_ENDPOINT=host:port for NNODES > 1}" --rdzv_id "${RDZV_ID:-genretrieval}")
+    "$PYTHON" -m torch.distributed.run "${rdzv[@]}" --nproc_per_node "$NPROC" -m "$@"
+  else
+    "$PYTHON" -m "$@"
+  fi
+}

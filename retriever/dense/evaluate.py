@@ -10,7 +10,7 @@ from typing import Sequence
 
 from core.config import parse_config
 from core.index import VectorIndex
-from core.io import load_embeddings
+from core.io import open_embeddings
 from core.logging import Tracker, format_table, write_metrics
 from core.metrics import recall_from_rankings
 from core.results import update_summary
@@ -21,9 +21,9 @@ class EvalConfig:
     emb_dir: str = "runs/shapes/dense/emb"
     split: str = "test"
     output_dir: str = "runs/shapes/dense/eval"
-    index_kind: str = "flat"  # flat (exact inner product) or ivf
-    nlist: int = 64
-    nprobe: int = 8
+    index_kind: str = "flat"  # flat (exact), ivf, ivfpq, hnsw, or auto (chosen from the corpus size)
+    nlist: int = 0  # IVF lists; 0 = about 4·sqrt(N) for N vectors
+    nprobe: int = 0  # IVF lists searched; 0 = the index's default for its nlist
     ks: list[int] = field(default_factory=lambda: [1, 5, 10])
     summary: str = ""  # path of the main job's results.json to add a row to ("" = none)
     summary_row: str = "dense/dense"  # stage/row in results.json
@@ -32,20 +32,29 @@ class EvalConfig:
 
 
 def evaluate_embeddings(emb_dir: str | Path, split: str, ks: Sequence[int] = (1, 5, 10), index_kind: str = "flat",
-                        nlist: int = 64, nprobe: int = 8) -> dict[str, dict[str, float]]:
+                        nlist: int = 0, nprobe: int = 0) -> dict[str, dict[str, float]]:
+    """Both directions over the stored (memory-mapped) embeddings: the index takes them block by block and the
+    queries are searched block by block, so no side is held whole in float32."""
     emb_dir = Path(emb_dir)
-    image_emb, image_ids = load_embeddings(emb_dir / f"image_{split}")
-    text_emb, text_ids = load_embeddings(emb_dir / f"text_{split}")
+    image_emb, image_ids = open_embeddings(emb_dir / f"image_{split}")
+    text_emb, text_ids = open_embeddings(emb_dir / f"text_{split}")
     depth = max(ks)
 
-    images = VectorIndex(image_emb.shape[1], index_kind, nlist, nprobe).add(image_emb, image_ids)
-    _, ranked_images = images.search(text_emb, depth)
-    t2i = recall_from_rankings(ranked_images, [[t["imgid"]] for t in text_ids], ks)
+    def index(matrix, ids) -> VectorIndex:
+        return VectorIndex(matrix.shape[1], index_kind, nlist or None, nprobe or None).add(matrix, ids)
 
-    texts = VectorIndex(text_emb.shape[1], index_kind, nlist, nprobe).add(text_emb, [t["imgid"] for t in text_ids])
-    _, ranked_owners = texts.search(image_emb, depth)
+    ranked_images = _search_blocks(index(image_emb, image_ids), text_emb, depth)
+    t2i = recall_from_rankings(ranked_images, [[t["imgid"]] for t in text_ids], ks)
+    ranked_owners = _search_blocks(index(text_emb, [t["imgid"] for t in text_ids]), image_emb, depth)
     i2t = recall_from_rankings(ranked_owners, [[i] for i in image_ids], ks)
     return {"text→image": t2i, "image→text": i2t}
+
+
+def _search_blocks(index: VectorIndex, queries, depth: int, block: int = 16384) -> list[list]:
+    ranked: list[list] = []
+    for start in range(0, len(queries), block):
+        ranked += index.search(queries[start:start + block], depth)[1]
+    return ranked
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:

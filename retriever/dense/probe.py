@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from core.config import parse_config
-from core.data import load_images, load_karpathy
+from core.data import LoaderOptions, load_karpathy
 from core.device import get_device
 from core.encoders import DualEncoder, load_dual_encoder
 from core.io import atomic_write_json
@@ -27,11 +27,11 @@ from core.logging import format_table
 from core.shapes.captions import CONTRAST_KINDS, contrast_caption
 from core.shapes.make import load_scenes
 from core.shapes.world import SHAPE_CLASSES, SHAPES, cell_classes
-from retriever.dense.common import encode_pixels, encode_texts
+from retriever.dense.common import encode_image_files, encode_texts
 
 
 @dataclass
-class ProbeConfig:
+class ProbeConfig(LoaderOptions):
     checkpoint: str = "runs/shapes/dense/checkpoint-best"
     world_dir: str = "runs/shapes/data"  # dataset_shapes.json, images/ and scenes.json
     split: str = "val"
@@ -50,12 +50,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     model = load_dual_encoder(cfg.checkpoint).to(device).eval()
     records = load_karpathy(world / "dataset_shapes.json", world / "images", cfg.split)[:cfg.max_images]
     train_records = load_karpathy(world / "dataset_shapes.json", world / "images", "train")[:cfg.probe_train_images]
-    pixels = load_images([r.path for r in records], model.preprocess, desc=f"{cfg.split} images")
-    image_emb = torch.from_numpy(encode_pixels(model, pixels, device))
+    image_emb = torch.from_numpy(encode_image_files(model, [r.path for r in records], device, cfg,
+                                                    desc=f"{cfg.split} images"))
 
     contrasts, pairs = caption_contrasts(model, records, image_emb, device, cfg.seed)
-    train_emb = torch.from_numpy(encode_pixels(model, load_images([r.path for r in train_records], model.preprocess,
-                                                                   desc="train images"), device))
+    train_emb = torch.from_numpy(encode_image_files(model, [r.path for r in train_records], device, cfg,
+                                                    desc="train images"))
     cells = cell_probes(train_emb, _cell_labels(train_records, scenes), image_emb, _cell_labels(records, scenes),
                         cfg.probe_steps, cfg.seed)
     result = {"caption contrasts": contrasts, "image probes": cells,

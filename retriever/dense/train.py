@@ -6,6 +6,7 @@ Reads `data_json` + `image_root`; writes `output_dir/` with `config.yaml`, `chec
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -18,9 +19,10 @@ from open_clip.loss import ClipLoss
 
 from core.checkpoint import BEST, LAST, BestTracker, read_meta, resume, save_checkpoint, unwrap
 from core.config import parse_config, save_config
-from core.data import ImageCaptionPairs, ImageRecord, caption_queries, epoch_batches, load_images, load_karpathy
+from core.data import (EpochBatchSampler, ImageCaptionPairs, ImageRecord, LoaderOptions, caption_queries, load_karpathy,
+                       make_loader, verify_images)
 from core.device import autocast, seed_everything
-from core.distributed import barrier, cleanup, init_distributed, wrap_model
+from core.distributed import barrier, check_batch_divisible, cleanup, init_distributed, world_size_from_env, wrap_model
 from core.encoders import SHAPES_ENCODER, build_dual_encoder
 from core.errors import InputError
 from core.logging import Tracker, format_table, progress, write_metrics
@@ -28,14 +30,14 @@ from core.metrics import mean_recall, t2i_recall
 from core.shapes.captions import CONTRAST_KINDS, contrast_caption
 from core.shapes.edits import EDIT_KINDS, edited_twin, possible_kinds
 from core.shapes.make import SCENES_FILE, load_scenes, load_world_config
-from retriever.dense.common import encode_pixels, encode_texts
+from retriever.dense.common import encode_image_files, encode_texts
 from retriever.dense.loss import HardNegativeClipLoss
 
 STAGE = "dense"
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(LoaderOptions):
     data_json: str = "data/shapes/dataset_shapes.json"  # Karpathy-split captions
     image_root: str = "data/shapes/images"
     output_dir: str = "runs/shapes/dense"
@@ -81,6 +83,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     if len(train_records) < cfg.batch_size:
         raise InputError(cfg.data_json, "batch_size",
                          f"{cfg.batch_size} is larger than the training split ({len(train_records)} images)")
+    check_batch_divisible(cfg.batch_size, world_size_from_env())
+    if cfg.verify_images:
+        verify_images([r.path for r in train_records + val_records], cfg.data_json, cfg)
 
     dist = init_distributed()
     seed_everything(cfg.seed + dist.rank)
@@ -102,9 +107,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         save_config(cfg, out / "config.yaml")
     tracker = Tracker(out, cfg, project=cfg.wandb_project, name=f"{STAGE}-{out.name}", enabled=dist.is_main)
 
-    pixels = load_images([r.path for r in train_records], model.preprocess, desc="loading train images")
-    val_pixels = load_images([r.path for r in val_records], model.preprocess, desc="loading val images")
-    pairs = ImageCaptionPairs(train_records, pixels, seed=cfg.seed)
+    pairs = ImageCaptionPairs(train_records, model.preprocess, seed=cfg.seed, listed_in=cfg.data_json)
+    sampler = EpochBatchSampler(len(pairs), cfg.batch_size, cfg.seed, dist.rank, dist.world_size)
+    loader = make_loader(pairs, cfg, batch_sampler=sampler, device=dist.device)
     loss_fn = ClipLoss(gather_with_grad=True, rank=dist.rank, world_size=dist.world_size)
     hard_loss_fn = HardNegativeClipLoss(rank=dist.rank, world_size=dist.world_size)
     eval_every = cfg.eval_every or steps_per_epoch
@@ -113,12 +118,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     started = time.time()
     while step < total_steps:
         epoch, offset = divmod(step, steps_per_epoch)
-        pairs.set_epoch(epoch)
-        for batch in epoch_batches(len(pairs), cfg.batch_size, cfg.seed, epoch)[offset:]:
+        sampler.set_epoch(epoch, skip=offset)
+        for images, captions, local in loader:
             ddp_model.train()
-            local = batch[dist.rank::dist.world_size]
-            images = torch.stack([pairs[i][0] for i in local]).to(dist.device)
-            captions = [pairs[i][1] for i in local]
+            images, captions, local = images.to(dist.device, non_blocking=True), list(captions), local.tolist()
             if twins is not None:
                 twin_pixels, twin_captions = twins.make(local, model.preprocess, (cfg.seed, step, dist.rank))
                 images, captions = torch.cat([images, twin_pixels.to(dist.device)]), captions + twin_captions
@@ -144,8 +147,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             bar.set_postfix(loss=f"{loss.item():.3f}")
             tracker.log({"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0]}, step=step)
             if step % eval_every == 0 or step == total_steps:
-                _validate_and_save(cfg, model, optimizer, scheduler, step, best, val_records, val_pixels,
-                                   dist, tracker, out)
+                _validate_and_save(cfg, model, optimizer, scheduler, step, best, val_records, dist, tracker, out)
             elif step % cfg.save_every == 0 and dist.is_main:
                 _save_last(cfg, model, optimizer, scheduler, step, best, out)
             if step >= total_steps:
@@ -222,20 +224,23 @@ def _warmup_cosine(warmup: int, total: int):
     return factor
 
 
-def validate(model, records, pixels, device) -> dict[str, float]:
+def validate(model, records, device, options: LoaderOptions, listed_in: str | None = None) -> dict[str, float]:
     """Text→image Recall@1/5/10 on the validation split (every caption a query)."""
     queries = caption_queries(records)
-    image_emb = encode_pixels(model, pixels, device, desc="val images")
+    image_emb = encode_image_files(model, [r.path for r in records], device, options, listed_in=listed_in,
+                                   desc="val images")
     text_emb = encode_texts(model, [q.text for q in queries], device, desc="val captions")
     column = {r.imgid: i for i, r in enumerate(records)}
     return t2i_recall(text_emb @ image_emb.T, [column[q.imgid] for q in queries])
 
 
-def _validate_and_save(cfg, model, optimizer, scheduler, step, best, val_records, val_pixels, dist, tracker, out):
+def _validate_and_save(cfg, model, optimizer, scheduler, step, best, val_records, dist, tracker, out):
     if not dist.is_main:
         barrier(dist)
         return
-    metrics = validate(unwrap(model), val_records, val_pixels, dist.device)
+    # one-off workers: persistent ones would idle between validations
+    metrics = validate(unwrap(model), val_records, dist.device, dataclasses.replace(cfg, persistent_workers=False),
+                       cfg.data_json)
     score = mean_recall(metrics)
     tracker.log({f"val/{k}": v for k, v in metrics.items()} | {"val/mean_recall": score}, step=step)
     write_metrics(out, {"step": step, "split": cfg.val_split, **metrics})

@@ -4,6 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/common.sh
 
-"$PYTHON" -m retriever.dense.encode --checkpoint "$RUN_DIR/dense/checkpoint-best" \
+launch retriever.dense.encode --checkpoint "$RUN_DIR/dense/checkpoint-best" \
   --data_json "$DATA_DIR/dataset_shapes.json" --image_root "$DATA_DIR/images" \
   --output_dir "$RUN_DIR/dense/emb" --splits train,val,test "$@"

@@ -17,11 +17,12 @@ import numpy as np
 import torch
 
 from cir.data import FASHIONIQ_CATEGORIES, CIRSplit, cache_key, load_cir_split, merge_splits
-from cir.features import TokenBank, token_bank
+from cir.features import TokenBank, check_mode, token_source
 from cir.metrics import cirr_metrics, fashioniq_recall, fashioniq_summary, write_cirr_submission
 from cir.retriever import ComposedRetriever
 from core.config import parse_config, save_config
-from core.device import set_threads
+from core.data import LoaderOptions, verify_images
+from core.device import autocast, set_threads
 from core.errors import InputError
 from core.io import read_json
 from core.logging import format_table, write_metrics
@@ -29,7 +30,7 @@ from core.results import update_summary
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(LoaderOptions):
     dataset: str = "cirr"  # "cirr" (CIRR layout, Shapes included) or "fashioniq"
     categories: list[str] = field(default_factory=lambda: list(FASHIONIQ_CATEGORIES))  # FashionIQ only
     cirr_root: str = "data/shapes/cirr"  # the dataset's folder (captions/, image_splits/), CIRR or FashionIQ
@@ -38,6 +39,7 @@ class EvalConfig:
     rows: dict = field(default_factory=dict)  # row name → retriever folder
     output_dir: str = "runs/shapes/cir/eval"
     cache_dir: str = ""  # default {output_dir}/../features
+    image_tokens: str = "cache"  # "cache" (float16 memory-mapped, the Shapes default) or "live" (real ViT-g towers)
     mtst_metrics: str = ""  # the generator's metrics.json, reported beside the rows ("" = none)
     submission_row: str = "pretrain+ptha"  # whose CIRR test-server files to write ("" = none; CIRR only)
     summary: str = ""  # results.json of the main job ("" = do not write)
@@ -47,17 +49,19 @@ class EvalConfig:
 
 @torch.no_grad()
 def score_split(model: ComposedRetriever, split: CIRSplit, bank: TokenBank, batch_size: int = 256) -> np.ndarray:
-    """scores[q, j]: cosine of query q (reference + text) with gallery image j, in `split.gallery` order."""
+    """scores[q, j]: cosine of query q (reference + text) with gallery image j, in `split.gallery` order. `bank` is a
+    token source (cir.features): a cache, or the tower run live on the loader's batches."""
     model.eval()
     device = model.device
     gallery = split.gallery
-    targets = torch.cat([model.encode_targets_from_tokens(bank.get(gallery[i:i + batch_size], device))
-                         for i in range(0, len(gallery), batch_size)])
-    queries = []
-    for i in range(0, len(split.triplets), batch_size):
-        chunk = split.triplets[i:i + batch_size]
-        queries.append(model.encode_queries_from_tokens(bank.get([t.reference for t in chunk], device),
-                                                        [t.caption for t in chunk]))
+    chunks = [gallery[i:i + batch_size] for i in range(0, len(gallery), batch_size)]
+    with autocast(device):
+        targets = torch.cat([model.encode_targets_from_tokens(tokens.get(names, device)).float()
+                             for names, tokens in zip(chunks, bank.batches(chunks))])
+        triplets = [split.triplets[i:i + batch_size] for i in range(0, len(split.triplets), batch_size)]
+        refs = [[t.reference for t in chunk] for chunk in triplets]
+        queries = [model.encode_queries_from_tokens(tokens.get(names, device), [t.caption for t in chunk]).float()
+                   for chunk, names, tokens in zip(triplets, refs, bank.batches(refs))]
     return (torch.cat(queries) @ targets.T).cpu().numpy()
 
 
@@ -81,6 +85,7 @@ def evaluate_model(model: ComposedRetriever, split: CIRSplit | Sequence[CIRSplit
 def main(argv: Sequence[str] | None = None) -> dict:
     cfg = parse_config(EvalConfig, argv)
     set_threads(cfg.threads)
+    check_mode(cfg.image_tokens)
     if not cfg.rows:
         raise InputError("command line", "rows", "name at least one row: --rows '{\"row\": \"folder\"}'")
     for row, folder in cfg.rows.items():
@@ -88,13 +93,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
             raise InputError(folder, f"rows.{row}", "not a retriever folder (meta.json is missing)")
     parts = load_cir_split(cfg.dataset, cfg.cirr_root, cfg.split, cfg.categories, cfg.image_root or None)
     split = merge_splits(parts)  # every image of the split, for one token cache
+    if cfg.verify_images:
+        verify_images(list(split.images.values()), cfg.cirr_root, cfg)
     out = Path(cfg.output_dir)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else out.parent / "features"
-    cache_file = cache / f"{cache_key(cfg.dataset, cfg.cirr_root, cfg.split, cfg.categories)}.pt"
+    cache_prefix = cache / cache_key(cfg.dataset, cfg.cirr_root, cfg.split, cfg.categories)
     results: dict[str, dict] = {}
     for row, folder in cfg.rows.items():
         model = ComposedRetriever.from_pretrained(folder)
-        bank = token_bank(model.image_encoder, split.images, cache_file)
+        # rows on the same tower share one cache; another tower's rebuilds it
+        bank = token_source(cfg.image_tokens, model.image_encoder, split.images, cache_prefix, cfg)
         scores = [score_split(model, p, bank) for p in parts]
         results[row] = split_metrics(parts, scores)
         if row == cfg.submission_row and cfg.dataset == "cirr":

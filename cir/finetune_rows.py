@@ -1,7 +1,8 @@
 """Fine-tune the table's rows in one process (they share the data, the image-token cache and the pretrained start):
 no-pretrain (from scratch, L_q2t), pretrain (L_q2t), pretrain+ptha (PTHA, α from the config: 0.5), ptha-alpha0 and
 ptha-alpha1. Each row is a `cir.train` run in `{run_root}/{row}/` (resumable; finished rows are skipped); then
-`{run_root}/best_model.txt` names the pretrain+ptha checkpoint (iterative CIR starts from it).
+`{run_root}/best_model.txt` names the pretrain+ptha checkpoint (iterative CIR starts from it). Under torchrun every
+row trains on all ranks (cir.train) in one process group; rank 0 writes the summary.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Sequence
 from cir.train import TrainConfig, run
 from core.checkpoint import BEST
 from core.config import parse_config
+from core.distributed import DistInfo, cleanup, init_distributed, world_size_from_env
 from core.errors import InputError
 from core.io import atomic_write_text
 from core.logging import format_table
@@ -45,12 +47,17 @@ def row_config(cfg: RowsConfig, row: str) -> TrainConfig:
 def main(argv: Sequence[str] | None = None) -> dict:
     cfg = parse_config(RowsConfig, argv)
     configs = {row: row_config(cfg, row) for row in cfg.rows}  # every row checked before any trains
-    results = {row: run(c) for row, c in configs.items()}
-    if BEST_ROW in results:
-        atomic_write_text(Path(cfg.run_root) / "best_model.txt", str(Path(cfg.run_root) / BEST_ROW / BEST) + "\n")
-    print(format_table({r: {k: v for k, v in m["val"].items() if k != "step"} for r, m in results.items()},
-                       title="CIR fine-tuning: best val (Shapes)"))
-    return results
+    try:
+        results = {row: run(c) for row, c in configs.items()}
+        if init_distributed().is_main:
+            if BEST_ROW in results:
+                atomic_write_text(Path(cfg.run_root) / "best_model.txt",
+                                  str(Path(cfg.run_root) / BEST_ROW / BEST) + "\n")
+            print(format_table({r: {k: v for k, v in m["val"].items() if k != "step"} for r, m in results.items()},
+                               title="CIR fine-tuning: best val (Shapes)"))
+        return results
+    finally:
+        cleanup(DistInfo(world_size=world_size_from_env()))
 
 
 if __name__ == "__main__":

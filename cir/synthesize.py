@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from cir.data import cirr_files, load_cirr, load_cirr_sets
-from cir.features import TokenBank, token_bank
+from cir.features import TokenBank, check_mode, token_source
 from core.config import parse_config, save_config
+from core.data import LoaderOptions, verify_images
 from core.device import seed_everything, set_threads
 from core.io import atomic_dir, atomic_write_json, read_json
 from core.logging import progress
@@ -27,13 +28,14 @@ from core.modtext import ModificationTextGenerator, load_modification_generator
 
 
 @dataclass
-class SynthConfig:
+class SynthConfig(LoaderOptions):
     cirr_root: str = "data/shapes/cirr"  # source: CIRR-layout folder with image_sets/ (the groups to mine)
     image_root: str = ""  # default {cirr_root}/img_raw
     split: str = "train"
     generator: str = "runs/shapes/cir/mtst/checkpoint-best"
     output_dir: str = "runs/shapes/cir/synthetic"
     cache_dir: str = ""  # image-token cache; default {output_dir}/../features
+    image_tokens: str = "cache"  # "cache" (float16 memory-mapped, the Shapes default) or "live" (real ViT-g towers)
     max_pairs: int = 8000  # mined pairs to caption (a random sample when more are available)
     exclude_annotated: bool = True  # do not re-caption pairs a human annotated
     min_words: int = 3  # filter: shorter texts are dropped
@@ -48,6 +50,7 @@ class SynthConfig:
 def main(argv: Sequence[str] | None = None) -> dict:
     cfg = parse_config(SynthConfig, argv)
     set_threads(cfg.threads)
+    check_mode(cfg.image_tokens)
     out = Path(cfg.output_dir)
     gen = load_modification_generator(cfg.generator)
     manifest_path = out / "synthetic.json"
@@ -58,8 +61,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
             return manifest
     seed_everything(cfg.seed)
     source = load_cirr(cfg.cirr_root, cfg.split, cfg.image_root or None)
+    if cfg.verify_images:
+        verify_images(list(source.images.values()), cfg.cirr_root, cfg)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else out.parent / "features"
-    bank = token_bank(gen.image_encoder, source.images, cache / f"{Path(cfg.cirr_root).name}_{cfg.split}.pt")
+    bank = token_source(cfg.image_tokens, gen.image_encoder, source.images,
+                        cache / f"{Path(cfg.cirr_root).name}_{cfg.split}", cfg)
     sets = load_cirr_sets(cfg.cirr_root, cfg.split)
     annotated = {(t.reference, t.target) for t in source.triplets} if cfg.exclude_annotated else set()
     pairs = mine_pairs(sets, annotated, cfg.max_pairs, cfg.seed)
@@ -106,10 +112,12 @@ def mine_pairs(sets: Sequence[Sequence[str]], exclude: set[tuple[str, str]], max
 def generate_texts(gen: ModificationTextGenerator, bank: TokenBank, pairs: Sequence[tuple[str, str, object]],
                    cfg: SynthConfig) -> list[str]:
     texts: list[str] = []
-    for i in progress(range(0, len(pairs), cfg.batch_size), desc="synthesize", unit="batch"):
-        chunk = pairs[i:i + cfg.batch_size]
-        texts += gen.generate_from_tokens(bank.get([p[0] for p in chunk], gen.device),
-                                          bank.get([p[1] for p in chunk], gen.device), cfg.max_new_tokens, cfg.num_beams)
+    chunks = [pairs[i:i + cfg.batch_size] for i in range(0, len(pairs), cfg.batch_size)]
+    tokens = bank.batches([[p[0] for p in c] + [p[1] for p in c] for c in chunks])
+    for chunk, chunk_tokens in progress(zip(chunks, tokens), total=len(chunks), desc="synthesize", unit="batch"):
+        texts += gen.generate_from_tokens(chunk_tokens.get([p[0] for p in chunk], gen.device),
+                                          chunk_tokens.get([p[1] for p in chunk], gen.device), cfg.max_new_tokens,
+                                          cfg.num_beams)
     return texts
 
 

@@ -7,7 +7,10 @@ on cached image tokens: `encode_queries_from_tokens` / `encode_targets_from_toke
 and `encode_queries` / `encode_targets` (pixels in) call, so what is trained is what is searched with.
 
 A retriever folder (`save_pretrained` / `from_pretrained`): `retriever.json`, `model.pt`, `meta.json` (stage "cir"),
-`tokenizer/`, `image_encoder/`.
+`tokenizer/`, `hop1/` (its config), `image_encoder/`. `model.pt` holds the trained parts only: the frozen image tower
+is described by `image_encoder/` (the project's small dense tower saved there; a pretrained ViT named by its checkpoint
+and the fingerprint of its weights, reloaded alone from that checkpoint), so a retriever on a ViT-g is megabytes.
+Folders written before this, with the tower in `model.pt`, still load.
 """
 from __future__ import annotations
 
@@ -21,7 +24,10 @@ from torch import nn
 
 from core.errors import InputError
 from core.io import atomic_write_json, read_json
-from core.modtext import ImageTokens, build_word_tokenizer, dense_image_tokens, hf_image_tokens, load_image_tokens
+from core.modtext import (ImageTokens, build_word_tokenizer, checkpoint_tensor, dense_image_tokens, hf_image_tokens,
+                          load_image_tokens, pretrained_part)
+
+TOWER = "image_encoder."  # the frozen tower's keys in the module's state dict: never saved in model.pt
 
 STAGE = "cir"
 SPEC_FILE = "retriever.json"
@@ -60,6 +66,8 @@ class ComposedRetriever(nn.Module):
         self.query_proj = nn.Linear(hidden, dim)
         self.target_proj = nn.Linear(hidden, dim)
         self.proto_proj = nn.Linear(hidden, dim)
+        self.register_state_dict_post_hook(_drop_tower)
+        self.register_load_state_dict_pre_hook(_keep_tower)
 
     @property
     def device(self) -> torch.device:
@@ -143,13 +151,27 @@ class ComposedRetriever(nn.Module):
         from core.device import get_device
 
         folder = Path(folder)
+        device = device or get_device()
         read_meta(folder, STAGE)
         spec = read_json(folder / SPEC_FILE, required=["qformer", "num_query_tokens", "embed_dim"])
         hop1 = InstructBlipQFormerModel(InstructBlipQFormerConfig.from_pretrained(folder / "hop1"))
-        model = cls(load_image_tokens(folder / "image_encoder"), AutoTokenizer.from_pretrained(folder / "tokenizer"),
-                    spec, hop1=hop1)
+        model = cls(load_image_tokens(folder / "image_encoder", device),
+                    AutoTokenizer.from_pretrained(folder / "tokenizer"), spec, hop1=hop1)
         load_model_weights(folder, model, STAGE)
-        return model.to(device or get_device()).eval()
+        return model.to(device).eval()
+
+
+def _drop_tower(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+    """state_dict post-hook: the frozen tower is named in `image_encoder/`, never copied into model.pt."""
+    for key in [k for k in state_dict if k.startswith(prefix + TOWER)]:
+        del state_dict[key]
+
+
+def _keep_tower(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    """load_state_dict pre-hook: a model.pt without the tower keeps the tower already loaded (from its name or its
+    folder); an older model.pt that holds it loads it as before."""
+    for key, value in module.image_encoder.state_dict().items():
+        state_dict.setdefault(prefix + TOWER + key, value)
 
 
 def build_shapes_retriever(dense_folder: str | Path, texts: Sequence[str],
@@ -162,22 +184,37 @@ def build_shapes_retriever(dense_folder: str | Path, texts: Sequence[str],
 def retriever_from_instructblip(model: nn.Module, image_processor: Any, tokenizer: Any, spec: dict[str, Any],
                                 source: dict[str, Any] | None = None) -> ComposedRetriever:
     """Real data: hop one starts from a (pretrained) InstructBLIP Q-Former, the image encoder is its frozen ViT."""
+    return retriever_from_parts(model.vision_model, model.qformer, model.query_tokens, image_processor, tokenizer, spec,
+                                source)
+
+
+def retriever_from_parts(vision: nn.Module, qformer: nn.Module, query_tokens: torch.Tensor, image_processor: Any,
+                         tokenizer: Any, spec: dict[str, Any],
+                         source: dict[str, Any] | None = None) -> ComposedRetriever:
+    """A retriever on InstructBLIP's ViT (frozen; `source["name"]` names the checkpoint it reloads from) whose hop one
+    starts from its Q-Former and query tokens (trained, float32)."""
     source = dict(source or {})
-    image = hf_image_tokens(model.vision_model, image_processor,
-                            {k: source[k] for k in ("name",) if k in source} | {"class": type(model).__name__})
-    q = {**spec["qformer"], "hidden_size": model.qformer.config.hidden_size}
+    image = hf_image_tokens(vision, image_processor, {k: source[k] for k in ("name",) if k in source}
+                            | {"vision_class": type(vision).__name__})
+    q = {**spec["qformer"], "hidden_size": qformer.config.hidden_size}
     full = {**spec, "qformer": q, "kind": "instructblip", **source}
-    retriever = ComposedRetriever(image, tokenizer, full, hop1=model.qformer)
+    retriever = ComposedRetriever(image, tokenizer, full, hop1=qformer.float())
     with torch.no_grad():
-        n = min(retriever.query_tokens1.shape[1], model.query_tokens.shape[1])
-        retriever.query_tokens1[:, :n].copy_(model.query_tokens[:, :n])
+        n = min(retriever.query_tokens1.shape[1], query_tokens.shape[1])
+        retriever.query_tokens1[:, :n].copy_(query_tokens[:, :n])
     return retriever
 
 
-def load_pretrained_retriever(name: str, spec: dict[str, Any]) -> ComposedRetriever:
-    """e.g. "Salesforce/instructblip-flan-t5-xl": its ViT and Q-Former (BERT tokenizer) start the retriever."""
-    from transformers import InstructBlipForConditionalGeneration, InstructBlipProcessor
+def load_pretrained_retriever(name: str, spec: dict[str, Any], device: torch.device | None = None) -> ComposedRetriever:
+    """e.g. "Salesforce/instructblip-flan-t5-xl": its ViT (frozen, core.device's dtype) and Q-Former (float32, BERT
+    tokenizer) start the retriever, each read alone from the checkpoint (its language model is never loaded)."""
+    from transformers import AutoConfig, InstructBlipProcessor, InstructBlipQFormerModel, InstructBlipVisionModel
 
-    model = InstructBlipForConditionalGeneration.from_pretrained(name)
+    config = AutoConfig.from_pretrained(name)
+    if config.model_type != "instructblip":
+        raise InputError(name, "model_type", f"hop one starts from an InstructBLIP Q-Former, got {config.model_type!r}")
+    vision = pretrained_part(name, InstructBlipVisionModel, "vision_model.", device)
+    qformer = pretrained_part(name, InstructBlipQFormerModel, "qformer.", trainable=True)
     processor = InstructBlipProcessor.from_pretrained(name)
-    return retriever_from_instructblip(model, processor.image_processor, processor.qformer_tokenizer, spec, {"name": name})
+    return retriever_from_parts(vision, qformer, checkpoint_tensor(name, "query_tokens"), processor.image_processor,
+                                processor.qformer_tokenizer, spec, {"name": name})

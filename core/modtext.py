@@ -10,13 +10,19 @@ with the project's trained dense image tower as the frozen image encoder.
 
 A generator is a folder (`save_pretrained` / `load_modification_generator`): `modtext.json`, `meta.json` (stage
 "mtst"), `bridge.pt` (query tokens, segment vectors, LM projection), `qformer/`, `language_model/` (unless named),
-`qformer_tokenizer/`, `lm_tokenizer/`, `image_encoder/`.
+`qformer_tokenizer/`, `lm_tokenizer/`, `image_encoder/`. Frozen pretrained parts are named, not copied: a ViT or LM
+taken from a hub checkpoint is written as its name (+ a fingerprint of its weights) and reloaded alone from that
+checkpoint (`pretrained_part`: only its own tensors, never the whole 7B InstructBLIP). Hub weights load in
+`core.device.weights_dtype` (bf16 on CUDA) when frozen and in float32 when trained (an optimizer stepping bf16 weights
+loses small updates); forward passes run in `core.device.autocast`.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -24,6 +30,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from core.device import autocast, get_device, pretrained_dtype_kwargs
 from core.errors import InputError
 from core.io import atomic_dir, atomic_write_json, read_json
 
@@ -31,6 +38,9 @@ STAGE = "mtst"
 INSTRUCTION = "How to change from one image to the other image?"
 SPEC_FILE = "modtext.json"
 SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "bos_token": "[BOS]", "eos_token": "[EOS]"}
+# Parts that train load in float32 whatever the device: AdamW on bf16 weights rounds small updates away; autocast
+# still runs their matmuls in bf16 on CUDA.
+TRAINABLE_DTYPE = {"dtype": torch.float32}
 
 # Tiny sizes for the Shapes world: trains on a CPU in about a minute.
 SHAPES_QFORMER = {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256,
@@ -92,27 +102,55 @@ class ImageTokens(nn.Module):
         # Frozen: stays in eval mode (no dropout) whatever the parent module does.
         return super().train(False)
 
+    @property
+    def named(self) -> bool:
+        """A pretrained tower that reloads by name from its checkpoint (so a folder never copies its weights)."""
+        return self.kind == "hf" and "name" in self.source
+
     @torch.no_grad()
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        if self.kind == "dense":
-            visual = self.model.clip.visual
-            x = visual.transformer(visual._embeds(pixels))
-            return visual.ln_post(x)
-        return self.model(pixel_values=pixels).last_hidden_state
+        """Patch tokens [B, N, D] in float32, the tower run inside core.device.autocast (bf16 on CUDA)."""
+        with autocast(pixels.device):
+            if self.kind == "dense":
+                visual = self.model.clip.visual
+                x = visual.ln_post(visual.transformer(visual._embeds(pixels)))
+            else:
+                x = self.model(pixel_values=pixels).last_hidden_state
+        return x.float()
+
+    def fingerprint(self) -> str:
+        """A digest of the tower's weights: the first 1024 values of every tensor (enough to tell two towers apart),
+        rounded to bf16 so that the same tower loaded in bf16 (CUDA) or float32 (CPU) has one fingerprint."""
+        h = hashlib.sha256(self.kind.encode())
+        for name, tensor in sorted(self.model.state_dict().items()):
+            h.update(name.encode())
+            h.update(str(tuple(tensor.shape)).encode())
+            head = tensor.detach().flatten()[:1024]
+            h.update(head.to(torch.bfloat16).float().cpu().numpy().tobytes() if head.is_floating_point()
+                     else head.cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def preprocess_id(self) -> str:
+        """The preprocessing as stable text (no object addresses), for caches to record what made them."""
+        processor = getattr(self, "processor", None)
+        if processor is not None:
+            return json.dumps(processor.to_dict(), sort_keys=True, default=str)
+        return re.sub(r" at 0x[0-9a-f]+", "", repr(self.preprocess))
 
     def pixels(self, images: Sequence[Image.Image], device: torch.device | None = None) -> torch.Tensor:
         out = torch.stack([self.preprocess(img.convert("RGB")) for img in images])
         return out.to(device) if device is not None else out
 
     def save(self, folder: Path) -> None:
+        """`image_encoder.json` (kind, source, fingerprint) and, unless the tower is named, its weights."""
         folder.mkdir(parents=True, exist_ok=True)
         if self.kind == "dense":
-            self.model.save(folder)
-        elif "name" not in self.source:  # a named pretrained encoder reloads by name; anything else is saved
+            self.model.save(folder)  # the project's own small trained tower
+        elif not self.named:  # a tower without a checkpoint to reload it from (a tiny random one in tests)
             self.model.save_pretrained(folder)
             self.processor.save_pretrained(folder)
         atomic_write_json(folder / "image_encoder.json", {"kind": self.kind, "hidden_size": self.hidden_size,
-                                                          **self.source})
+                                                          **self.source, "fingerprint": self.fingerprint()})
 
 
 def dense_image_tokens(dense_folder: str | Path) -> ImageTokens:
@@ -126,6 +164,7 @@ def dense_image_tokens(dense_folder: str | Path) -> ImageTokens:
 
 
 def hf_image_tokens(vision_model: nn.Module, image_processor: Any, source: dict[str, Any]) -> ImageTokens:
+    """A transformers vision tower; `source["name"]` (a hub name or checkpoint folder) makes it reload by name."""
     def preprocess(img: Image.Image) -> torch.Tensor:
         return image_processor(images=img, return_tensors="pt")["pixel_values"][0]
 
@@ -134,23 +173,84 @@ def hf_image_tokens(vision_model: nn.Module, image_processor: Any, source: dict[
     return tokens
 
 
-def load_image_tokens(folder: str | Path) -> ImageTokens:
-    folder = Path(folder)
-    info = read_json(folder / "image_encoder.json", required=["kind"])
-    if info["kind"] == "dense":
-        tokens = dense_image_tokens(folder)
-        tokens.source = {k: v for k, v in info.items() if k not in ("kind", "hidden_size")}
-        return tokens
+def load_image_tokens(folder: str | Path, device: torch.device | None = None) -> ImageTokens:
+    """The tower an `image_encoder/` folder describes: the dense tower saved there, a named pretrained ViT reloaded
+    alone from its checkpoint (its fingerprint must match the one recorded), or an hf tower saved there."""
     import transformers
 
-    if "name" in info:  # e.g. {"name": "Salesforce/instructblip-vicuna-7b", "class": "InstructBlipForConditionalGeneration"}
-        full = getattr(transformers, info.get("class", "InstructBlipForConditionalGeneration")).from_pretrained(info["name"])
-        vision, processor_src = full.vision_model, info["name"]
+    folder = Path(folder)
+    info = read_json(folder / "image_encoder.json", required=["kind"])
+    source = {k: v for k, v in info.items() if k not in ("kind", "hidden_size", "fingerprint")}
+    if info["kind"] == "dense":
+        tokens = dense_image_tokens(folder)
+        tokens.source = source
+    elif "name" in info:  # {"name": "Salesforce/instructblip-vicuna-7b", "vision_class": "InstructBlipVisionModel"}
+        vision = pretrained_part(info["name"], getattr(transformers, vision_class(info)), "vision_model.", device)
+        tokens = hf_image_tokens(vision, transformers.AutoImageProcessor.from_pretrained(info["name"]), source)
     else:
-        vision = getattr(transformers, info.get("vision_class", "InstructBlipVisionModel")).from_pretrained(folder)
-        processor_src = folder
-    processor = transformers.AutoImageProcessor.from_pretrained(processor_src)
-    return hf_image_tokens(vision, processor, {k: v for k, v in info.items() if k not in ("kind", "hidden_size")})
+        vision = getattr(transformers, vision_class(info)).from_pretrained(folder, **pretrained_dtype_kwargs(
+            device or get_device()))
+        tokens = hf_image_tokens(vision, transformers.AutoImageProcessor.from_pretrained(folder), source)
+    if "fingerprint" in info and tokens.fingerprint() != info["fingerprint"]:
+        raise InputError(folder / "image_encoder.json", "fingerprint",
+                         f"the image tower loaded from {info.get('name', folder)} is not the one this folder was "
+                         "trained with (its weights changed)")
+    return tokens
+
+
+def vision_class(info: dict[str, Any]) -> str:
+    """The transformers class of a saved tower; folders written before `vision_class` was recorded name the
+    composite class (InstructBlipForConditionalGeneration → InstructBlipVisionModel)."""
+    if "vision_class" in info:
+        return info["vision_class"]
+    return info.get("class", "InstructBlipForConditionalGeneration").replace("ForConditionalGeneration", "VisionModel")
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Loading one part of a composite checkpoint lists every other part's tensors as unexpected; they are meant
+    to be skipped, so the report is silenced."""
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
+def pretrained_part(name: str, cls: Any, prefix: str, device: torch.device | None = None, trainable: bool = False,
+                    config: Any = None) -> nn.Module:
+    """One part of a composite checkpoint (InstructBLIP / BLIP-2: "vision_model.", "qformer.", "language_model."),
+    built from its own sub-config with only its own tensors read (`key_mapping` strips the prefix; the other parts'
+    tensors are skipped), so reloading a ViT never loads the 7B language model beside it. Frozen parts load in
+    core.device's dtype (bf16 on CUDA), trained ones in float32."""
+    dtype = TRAINABLE_DTYPE if trainable else pretrained_dtype_kwargs(device or get_device())
+    extra = {"config": config} if config is not None else {}
+    with _quiet_transformers():
+        part = cls.from_pretrained(name, key_mapping={rf"^{re.escape(prefix)}": ""}, **extra, **dtype)
+    # transformers keeps the key mapping to undo it on save_pretrained; a trained part is saved as a model of its own
+    # class (a folder that reloads without the mapping), so it is dropped
+    part._weight_conversions = None
+    return part
+
+
+def checkpoint_tensor(name: str, key: str) -> torch.Tensor:
+    """One tensor of a hub checkpoint (or a local folder) read from its safetensors file, e.g. InstructBLIP's
+    `query_tokens`, without building the model."""
+    from safetensors import safe_open
+    from transformers.utils import cached_file
+
+    index = cached_file(name, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False)
+    filename = json.loads(Path(index).read_text())["weight_map"].get(key) if index else "model.safetensors"
+    path = cached_file(name, filename, _raise_exceptions_for_missing_entries=False) if filename else None
+    if path is None:
+        raise InputError(name, key, "tensor not found in the checkpoint's safetensors files")
+    with safe_open(path, "pt") as f:
+        if key not in f.keys():
+            raise InputError(path, key, "tensor not found in the checkpoint")
+        return f.get_tensor(key)
 
 
 # ----------------------------------------------------------------------------------------------- the generator
@@ -211,28 +311,43 @@ class ModificationTextGenerator(nn.Module):
         lm_instruction = self.language_model.get_input_embeddings()(lm_ids)
         return torch.cat([self.language_projection(out), lm_instruction], dim=1)
 
-    def loss(self, ref_tokens: torch.Tensor, tgt_tokens: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
-        """Next-token cross-entropy of the modification text given the prefix (the InstructBLIP objective)."""
-        prefix = self.prefix(ref_tokens, tgt_tokens)
+    def _text_ids(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         tok = self.lm_tokenizer([t + self.lm_tokenizer.eos_token for t in texts], add_special_tokens=False,
                                 padding=True, return_tensors="pt")
-        ids, mask = tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device)
-        embeds = torch.cat([prefix, self.language_model.get_input_embeddings()(ids)], dim=1)
-        full_mask = torch.cat([torch.ones(prefix.shape[:2], dtype=mask.dtype, device=self.device), mask], dim=1)
+        return tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device)
+
+    def label_count(self, texts: Sequence[str]) -> int:
+        """How many tokens `loss` scores for `texts` (each text and its EOS), to normalise a batch split over ranks."""
+        enc = self.lm_tokenizer([t + self.lm_tokenizer.eos_token for t in texts], add_special_tokens=False)
+        return sum(len(ids) for ids in enc["input_ids"])
+
+    def loss(self, ref_tokens: torch.Tensor, tgt_tokens: torch.Tensor, texts: Sequence[str],
+             normalizer: float | None = None) -> torch.Tensor:
+        """Next-token cross-entropy of the modification text given the prefix (the InstructBLIP objective): the sum
+        over the scored tokens divided by `normalizer` (default: their number here, i.e. the mean). A trainer that
+        splits a batch over ranks passes the global batch's count / world size, so DDP's average over ranks is the
+        global batch's token mean."""
+        ids, mask = self._text_ids(texts)
+        with autocast(self.device):
+            prefix = self.prefix(ref_tokens, tgt_tokens)
+            embeds = torch.cat([prefix, self.language_model.get_input_embeddings()(ids).to(prefix.dtype)], dim=1)
+            full_mask = torch.cat([torch.ones(prefix.shape[:2], dtype=mask.dtype, device=self.device), mask], dim=1)
+            logits = self.language_model(inputs_embeds=embeds, attention_mask=full_mask).logits
         labels = torch.cat([torch.full(prefix.shape[:2], -100, dtype=torch.long, device=self.device),
                             ids.masked_fill(mask == 0, -100)], dim=1)
-        return self.language_model(inputs_embeds=embeds, attention_mask=full_mask, labels=labels).loss
+        return token_cross_entropy(logits, labels, normalizer)
 
     @torch.no_grad()
     def generate_from_tokens(self, ref_tokens: torch.Tensor, tgt_tokens: torch.Tensor, max_new_tokens: int = 24,
                              num_beams: int = 1) -> list[str]:
-        prefix = self.prefix(ref_tokens, tgt_tokens)
-        mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=self.device)
         tok = self.lm_tokenizer
-        out = self.language_model.generate(
-            inputs_embeds=prefix, attention_mask=mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
-            do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-            bos_token_id=tok.bos_token_id)
+        with autocast(self.device):
+            prefix = self.prefix(ref_tokens, tgt_tokens)
+            mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=self.device)
+            out = self.language_model.generate(
+                inputs_embeds=prefix, attention_mask=mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                bos_token_id=tok.bos_token_id)
         return [detokenize(tok, row) for row in out.tolist()]
 
     @torch.no_grad()
@@ -279,6 +394,17 @@ class ModificationTextGenerator(nn.Module):
         return load_modification_generator(folder, device)
 
 
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, normalizer: float | None = None) -> torch.Tensor:
+    """Causal-LM cross-entropy (position t predicts label t+1; -100 is not scored), summed in float32 and divided by
+    `normalizer` (default: the number of scored tokens, i.e. the mean, as transformers' `labels=` loss)."""
+    import torch.nn.functional as F
+
+    target = labels[:, 1:].reshape(-1)
+    total = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), target, ignore_index=-100,
+                            reduction="sum")
+    return total / (normalizer if normalizer is not None else (target != -100).sum().clamp(min=1))
+
+
 def checkpoint_id(folder: str | Path) -> str:
     """`<folder name>@<hash>`: the hash covers the trained parts (bridge + Q-Former + LM if saved), so two folders with
     the same id hold the same generator."""
@@ -319,47 +445,69 @@ def from_instructblip(model: nn.Module, image_processor: Any, qformer_tokenizer:
     tests): its ViT (frozen), Q-Former, query tokens and projection (trained), its decoder-only LM (frozen)."""
     if model.language_model.config.is_encoder_decoder:
         raise InputError(None, "text_config", "the generator needs a decoder-only language model (e.g. Vicuna, OPT)")
+    return from_parts(model.vision_model, model.qformer, model.language_model, model.query_tokens,
+                      model.language_projection.state_dict(), image_processor, qformer_tokenizer, lm_tokenizer, source)
+
+
+def from_parts(vision: nn.Module, qformer: nn.Module, language_model: nn.Module, query_tokens: torch.Tensor,
+               projection: dict[str, torch.Tensor], image_processor: Any, qformer_tokenizer: Any, lm_tokenizer: Any,
+               source: dict[str, Any] | None = None) -> ModificationTextGenerator:
+    """A generator from InstructBLIP's parts; `source["name"]` names the checkpoint its frozen ViT and LM reload
+    from."""
     source = dict(source or {})
-    image = hf_image_tokens(model.vision_model, image_processor,
-                            {k: source[k] for k in ("name",) if k in source} | {"class": type(model).__name__})
+    image = hf_image_tokens(vision, image_processor, {k: source[k] for k in ("name",) if k in source}
+                            | {"vision_class": type(vision).__name__})
     spec = {"kind": "instructblip", "freeze_language_model": True, **source}
     if "name" in source:
         spec["language_model_name"] = source["name"]
-    gen = ModificationTextGenerator(image, model.qformer, model.language_model, qformer_tokenizer, lm_tokenizer,
-                                    int(model.query_tokens.shape[1]), INSTRUCTION, spec)
+    gen = ModificationTextGenerator(image, qformer.float(), language_model, qformer_tokenizer, lm_tokenizer,
+                                    int(query_tokens.shape[1]), INSTRUCTION, spec)
     with torch.no_grad():  # start from the pretrained bridge, as the paper fine-tunes it
-        gen.query_tokens.copy_(model.query_tokens)
-        gen.language_projection.load_state_dict(model.language_projection.state_dict())
+        gen.query_tokens.copy_(query_tokens)
+        gen.language_projection.load_state_dict(projection)
     return gen
 
 
-def load_pretrained_instructblip(name: str) -> ModificationTextGenerator:
-    """A real generator from the hub or a local copy, e.g. "Salesforce/instructblip-vicuna-7b"."""
-    from transformers import InstructBlipForConditionalGeneration, InstructBlipProcessor
+def load_pretrained_instructblip(name: str, device: torch.device | None = None) -> ModificationTextGenerator:
+    """A real generator from the hub or a local copy, e.g. "Salesforce/instructblip-vicuna-7b": each part read alone
+    from the checkpoint, the frozen ViT and LM in core.device's dtype (bf16 on CUDA), the Q-Former in float32."""
+    from transformers import (AutoConfig, AutoModelForCausalLM, InstructBlipProcessor, InstructBlipQFormerModel,
+                              InstructBlipVisionModel)
 
-    model = InstructBlipForConditionalGeneration.from_pretrained(name)
+    config = AutoConfig.from_pretrained(name)
+    if config.model_type != "instructblip":
+        raise InputError(name, "model_type",
+                         f"the generator reads an InstructBLIP checkpoint, got {config.model_type!r}")
+    if config.text_config.is_encoder_decoder:
+        raise InputError(name, "text_config", "the generator needs a decoder-only language model (e.g. Vicuna, OPT)")
+    vision = pretrained_part(name, InstructBlipVisionModel, "vision_model.", device)
+    qformer = pretrained_part(name, InstructBlipQFormerModel, "qformer.", trainable=True)
+    lm = pretrained_part(name, AutoModelForCausalLM, "language_model.", device, config=config.text_config)
+    projection = {k: checkpoint_tensor(name, f"language_projection.{k}") for k in ("weight", "bias")}
     processor = InstructBlipProcessor.from_pretrained(name)
-    return from_instructblip(model, processor.image_processor, processor.qformer_tokenizer, processor.tokenizer,
-                             {"name": name})
+    return from_parts(vision, qformer, lm, checkpoint_tensor(name, "query_tokens"), projection,
+                      processor.image_processor, processor.qformer_tokenizer, processor.tokenizer, {"name": name})
 
 
 def load_modification_generator(folder: str | Path, device: torch.device | None = None) -> ModificationTextGenerator:
-    """Reload a trained generator folder (meta.json stage "mtst"), in eval mode, on `device` (default: get_device())."""
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer, InstructBlipQFormerModel
+    """Reload a trained generator folder (meta.json stage "mtst"), in eval mode, on `device` (default: get_device()).
+    Trained parts come from the folder (float32); a named frozen ViT and LM are read alone from their checkpoint."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, InstructBlipQFormerModel
 
     from core.checkpoint import read_meta
-    from core.device import get_device
 
     folder = Path(folder)
+    device = device or get_device()
     read_meta(folder, STAGE)
     spec = read_json(folder / SPEC_FILE, required=["num_query_tokens", "instruction"])
-    image = load_image_tokens(folder / "image_encoder")
-    qformer = InstructBlipQFormerModel.from_pretrained(folder / "qformer")
+    image = load_image_tokens(folder / "image_encoder", device)
+    qformer = InstructBlipQFormerModel.from_pretrained(folder / "qformer", **TRAINABLE_DTYPE)
     if (folder / "language_model").is_dir():
-        lm = AutoModelForCausalLM.from_pretrained(folder / "language_model")
+        lm = AutoModelForCausalLM.from_pretrained(folder / "language_model", **TRAINABLE_DTYPE)
     elif "language_model_name" in spec:
-        lm = transformers.InstructBlipForConditionalGeneration.from_pretrained(spec["language_model_name"]).language_model
+        name = spec["language_model_name"]
+        lm = pretrained_part(name, AutoModelForCausalLM, "language_model.", device,
+                             config=AutoConfig.from_pretrained(name).text_config)
     else:
         raise InputError(folder / "language_model", None, "language model weights are missing and no name is given")
     gen = ModificationTextGenerator(
@@ -372,7 +520,7 @@ def load_modification_generator(folder: str | Path, device: torch.device | None 
         gen.segment.copy_(bridge["segment"])
     gen.language_projection.load_state_dict(bridge["language_projection"])
     gen.model_id = checkpoint_id(folder)
-    return gen.to(device or get_device()).eval()
+    return gen.to(device).eval()
 
 
 def generator_summary(folder: str | Path) -> dict[str, Any]:

@@ -7,6 +7,12 @@ are not negatives (cir.losses). The model is selected on the val split's Avg: CI
 `--dataset fashioniq` FashionIQ's (R@10 + R@50)/2 over `categories`, whose train splits are concatenated.
 `checkpoint-last/` (optimizer, step, RNG) lets a killed run resume, and a run whose metrics.json is written is
 finished and not redone.
+
+Under torchrun (`torchrun --nproc_per_node N -m cir.train ...`) every rank takes its contiguous share of each global
+batch (the same epoch permutation on every rank), encodes it, and scores its queries against every rank's targets,
+gathered with gradients (cir.losses.gather_target_rows); DDP averages the gradients, so a step equals one process's on
+the global batch. A batch_size the world size does not divide is refused before any work. Rank 0 validates and writes;
+the token caches are built by all ranks, each its share (cir.features).
 """
 from __future__ import annotations
 
@@ -15,19 +21,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from cir.data import (FASHIONIQ_CATEGORIES, CIRSplit, CIRTriplet, cache_key, caption_texts, cirr_files,
                       default_image_root, load_cir_split, merge_splits)
 from cir.evaluate import evaluate_model
-from cir.features import TokenBank, token_bank
-from cir.losses import prototype_alignment, ptha_loss, query_target_contrastive
+from cir.features import TokenBank, check_mode, token_source
+from cir.losses import gather_target_rows, prototype_alignment, ptha_loss, query_target_contrastive
 from cir.retriever import ComposedRetriever, build_shapes_retriever, load_pretrained_retriever, SHAPES_RETRIEVER
 from core.checkpoint import BEST, LAST, BestTracker, resume, save_checkpoint
 from core.config import parse_config, save_config
-from core.data import epoch_batches
-from core.device import get_device, seed_everything, set_threads
+from core.data import LoaderOptions, epoch_batches, verify_images
+from core.device import autocast, seed_everything, set_threads
+from core.distributed import (DistInfo, all_reduce_mean, barrier, broadcast_object, check_batch_divisible, cleanup,
+                              gather_with_grad, init_distributed, rank_share, shard_range, wrap_model,
+                              world_size_from_env)
 from core.errors import InputError
 from core.io import read_json
 from core.logging import Tracker, progress, write_metrics
@@ -36,7 +44,7 @@ OBJECTIVES = ("q2t", "ptha")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(LoaderOptions):
     dataset: str = "cirr"  # layout and protocol: "cirr" (CIRR layout, Shapes included) or "fashioniq"
     categories: list[str] = field(default_factory=lambda: list(FASHIONIQ_CATEGORIES))  # FashionIQ only
     cirr_root: str = "data/shapes/cirr"  # the annotated data (CIRR or FashionIQ folder): val for selection, vocabulary
@@ -53,6 +61,10 @@ class TrainConfig:
     init_from: str = ""  # a retriever folder to start from (fine-tuning after pretraining)
     output_dir: str = "runs/shapes/cir/run"
     cache_dir: str = ""  # image-token cache; default {output_dir}/../features
+    # "cache": the frozen tower's tokens cached once as float16 on disk, read by memory map (the default, right for the
+    # Shapes world's small tower); "live": the tower runs on every batch in bf16 (real ViT-g towers, whose CIRR cache
+    # would be 12 GB)
+    image_tokens: str = "cache"
     objective: str = "q2t"  # "q2t" (L_q2t) or "ptha" (L_q2t + L_t2t + α·L_p2p)
     w_q2t: float = 1.0
     w_t2t: float = 1.0
@@ -74,14 +86,21 @@ class TrainConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    return run(parse_config(TrainConfig, argv))
+    cfg = parse_config(TrainConfig, argv)
+    try:
+        return run(cfg)
+    finally:
+        cleanup(DistInfo(world_size=world_size_from_env()))
 
 
 def run(cfg: TrainConfig) -> dict:
-    """Train one retriever as `cfg` says (or return the metrics of the finished run in cfg.output_dir)."""
+    """Train one retriever as `cfg` says (or return the metrics of the finished run in cfg.output_dir). Under torchrun
+    every rank calls this; the caller ends the process group (`main`), so several runs can share it."""
     set_threads(cfg.threads)
+    check_batch_divisible(cfg.batch_size, world_size_from_env())
     if cfg.objective not in OBJECTIVES:
         raise InputError("config", "objective", f"must be one of {OBJECTIVES}, got {cfg.objective!r}")
+    check_mode(cfg.image_tokens)
     out = Path(cfg.output_dir)
     if (out / "metrics.json").is_file() and (out / BEST / "meta.json").is_file() and not cfg.overwrite:
         print(f"[cir.train] {out} is finished; reusing it (--overwrite true to retrain)")
@@ -93,26 +112,30 @@ def run(cfg: TrainConfig) -> dict:
         train.triplets = train.triplets[:cfg.max_triplets]
     val = _load(cfg, cfg.cirr_root, cfg.val_split, image_root)  # FashionIQ: one unit per category
     reverse = _reverse_texts(cfg, train, image_root) if cfg.objective == "ptha" else None
-    device = get_device()
-    model = _build(cfg, train).to(device)
+    dist = init_distributed()
+    val_images = merge_splits(val).images
+    if cfg.verify_images:  # each rank decodes its share of the files once
+        paths = list(dict.fromkeys([*train.images.values(), *val_images.values()]))
+        verify_images([paths[i] for i in shard_range(len(paths), dist)], cfg.train_root or cfg.cirr_root, cfg)
+    model = _build(cfg, train, dist.device).to(dist.device)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else out.parent / "features"
-    bank = token_bank(model.image_encoder, train.images,
-                      cache / f"{cache_key(cfg.dataset, cfg.cirr_root, cfg.train_split, cfg.categories)}.pt")
-    val_bank = token_bank(model.image_encoder, merge_splits(val).images,
-                          cache / f"{cache_key(cfg.dataset, cfg.cirr_root, cfg.val_split, cfg.categories)}.pt")
-    return fit(model, train, bank, val, val_bank, reverse, cfg)
+    prefix = {s: cache / cache_key(cfg.dataset, cfg.cirr_root, s, cfg.categories)
+              for s in (cfg.train_split, cfg.val_split)}
+    bank = token_source(cfg.image_tokens, model.image_encoder, train.images, prefix[cfg.train_split], cfg, dist)
+    val_bank = token_source(cfg.image_tokens, model.image_encoder, val_images, prefix[cfg.val_split], cfg, dist)
+    return fit(model, train, bank, val, val_bank, reverse, cfg, dist)
 
 
 def _load(cfg: TrainConfig, root: str, split: str, image_root: str) -> list[CIRSplit]:
     return load_cir_split(cfg.dataset, root, split, cfg.categories, image_root)
 
 
-def _build(cfg: TrainConfig, train: CIRSplit) -> ComposedRetriever:
+def _build(cfg: TrainConfig, train: CIRSplit, device: torch.device) -> ComposedRetriever:
     if cfg.init_from:
-        return ComposedRetriever.from_pretrained(cfg.init_from)
+        return ComposedRetriever.from_pretrained(cfg.init_from, device)
     spec = {**SHAPES_RETRIEVER, **cfg.model}
     if cfg.pretrained:
-        return load_pretrained_retriever(cfg.pretrained, spec)
+        return load_pretrained_retriever(cfg.pretrained, spec, device)
     texts = [t.caption for t in train.triplets]
     # pretraining on synthetic triplets: the annotated texts' words must be in the vocabulary too
     texts += caption_texts(cfg.dataset, cfg.cirr_root, cfg.train_split, cfg.categories)
@@ -151,25 +174,78 @@ def batch_targets(batch: Sequence[CIRTriplet], forward: bool, subset_negatives: 
     return own, own + extra
 
 
+def step_images(share: Sequence[CIRTriplet], reverse: bool, cfg: TrainConfig) -> list[str]:
+    """Every image whose tokens `step_loss` reads for this rank's share of a batch (what a live source encodes)."""
+    names = [t.reference for t in share] + batch_targets(share, True, cfg.subset_negatives)[1]
+    if reverse:
+        names += [t.target for t in share] + batch_targets(share, False,
+                                                           cfg.subset_negatives and cfg.reverse_subset_negatives)[1]
+    return names
+
+
+def _targets(model: ComposedRetriever, batch: Sequence[CIRTriplet], bank: TokenBank, forward: bool,
+             subset_negatives: bool, dist: DistInfo) -> tuple[torch.Tensor, list[str]]:
+    """The global batch's target embeddings (own targets, then appended negatives) and their image names: this rank
+    encodes its share's, the others' come by all-gather with gradients."""
+    _, names = batch_targets(batch, forward, subset_negatives)
+    share = rank_share(batch, dist)
+    own, mine = batch_targets(share, forward, subset_negatives)
+    emb = model.encode_targets_from_tokens(bank.get(mine, model.device))
+    if not dist.enabled:
+        return emb, names
+    shares = [batch[r * len(batch) // dist.world_size:(r + 1) * len(batch) // dist.world_size]
+              for r in range(dist.world_size)]
+    extra = [len(batch_targets(s, forward, subset_negatives)[1]) - len(s) for s in shares]
+    sizes = [[len(s) for s in shares], extra]
+    return gather_target_rows([emb[:len(own)], emb[len(own):]], sizes, dist), names
+
+
 def step_loss(model: ComposedRetriever, batch: Sequence[CIRTriplet], bank: TokenBank, reverse: dict | None,
-              cfg: TrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    """Eq. of the PTHA paper: L = w_q2t·L_q2t + w_t2t·L_t2t + α·L_p2p (or L_q2t alone for the "q2t" objective)."""
+              cfg: TrainConfig, dist: DistInfo | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Eq. of the PTHA paper: L = w_q2t·L_q2t + w_t2t·L_t2t + α·L_p2p (or L_q2t alone for the "q2t" objective).
+
+    `batch` is the global batch. This rank's queries are its share (rows `offset`..), scored against every rank's
+    targets; the loss is the mean over its rows (DDP's average over ranks makes it the global mean)."""
+    dist = dist or DistInfo(device=model.device)
     dev = model.device
-    ref_tok = bank.get([t.reference for t in batch], dev)
-    query, proto = model.encode_queries_with_prototype(ref_tok, [t.caption for t in batch])
-    _, fwd_targets = batch_targets(batch, True, cfg.subset_negatives)
-    targets = model.encode_targets_from_tokens(bank.get(fwd_targets, dev))
-    l_q2t = query_target_contrastive(query, targets, cfg.temperature, target_ids=fwd_targets)
+    share = rank_share(batch, dist)
+    offset = dist.rank * len(batch) // dist.world_size if dist.enabled else 0
+    ref_tok = bank.get([t.reference for t in share], dev)
+    query, proto = model.encode_queries_with_prototype(ref_tok, [t.caption for t in share])
+    targets, fwd_ids = _targets(model, batch, bank, True, cfg.subset_negatives, dist)
+    l_q2t = query_target_contrastive(query, targets, cfg.temperature, target_ids=fwd_ids, row_offset=offset)
     if reverse is None:
         return l_q2t, {"q2t": l_q2t.item()}
-    tgt_tok = bank.get([t.target for t in batch], dev)
-    rev_query, rev_proto = model.encode_queries_with_prototype(tgt_tok, [reverse[t.pairid] for t in batch])
-    _, rev_targets = batch_targets(batch, False, cfg.subset_negatives and cfg.reverse_subset_negatives)
-    refs = model.encode_targets_from_tokens(bank.get(rev_targets, dev))
-    l_t2t = query_target_contrastive(rev_query, refs, cfg.temperature, target_ids=rev_targets)
-    l_p2p = prototype_alignment(proto, rev_proto, cfg.temperature)
+    tgt_tok = bank.get([t.target for t in share], dev)
+    rev_query, rev_proto = model.encode_queries_with_prototype(tgt_tok, [reverse[t.pairid] for t in share])
+    refs, rev_ids = _targets(model, batch, bank, False, cfg.subset_negatives and cfg.reverse_subset_negatives, dist)
+    l_t2t = query_target_contrastive(rev_query, refs, cfg.temperature, target_ids=rev_ids, row_offset=offset)
+    # the reverse prototypes are a fixed anchor (detached): gathered without gradients
+    l_p2p = prototype_alignment(proto, gather_with_grad(rev_proto.detach(), dist), cfg.temperature, row_offset=offset)
     loss = ptha_loss(l_q2t, l_t2t, l_p2p, cfg.w_q2t, cfg.w_t2t, cfg.alpha)
     return loss, {"q2t": l_q2t.item(), "t2t": l_t2t.item(), "p2p": l_p2p.item()}
+
+
+class StepLoss(torch.nn.Module):
+    """`step_loss` as one module forward, so DDP sees one forward (and one backward) per step."""
+
+    def __init__(self, model: ComposedRetriever, reverse: dict | None, cfg: TrainConfig, dist: DistInfo):
+        super().__init__()
+        self.model, self.reverse, self.cfg, self.dist = model, reverse, cfg, dist
+
+    def forward(self, batch: Sequence[CIRTriplet], bank: TokenBank) -> tuple[torch.Tensor, dict[str, float]]:
+        return step_loss(self.model, batch, bank, self.reverse, self.cfg, self.dist)
+
+
+def _wrap(model: ComposedRetriever, reverse: dict | None, cfg: TrainConfig, dist: DistInfo) -> torch.nn.Module:
+    module = StepLoss(model, reverse, cfg, dist)
+    if dist.enabled:
+        # The frozen tower is identical on every rank (loaded by name): DDP need not broadcast or sync it.
+        frozen = [f"model.image_encoder.{n}" for n, _ in model.image_encoder.named_parameters()]
+        frozen += [f"model.image_encoder.{n}" for n, _ in model.image_encoder.named_buffers()]
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, frozen)
+    # L_q2t alone never reaches the prototype projection
+    return wrap_model(module, dist, find_unused_parameters=cfg.objective != "ptha")
 
 
 def _schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, total: int):
@@ -182,61 +258,87 @@ def _schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, total: int):
 
 
 def fit(model: ComposedRetriever, train: CIRSplit, bank: TokenBank, val: CIRSplit | Sequence[CIRSplit],
-        val_bank: TokenBank, reverse: dict | None, cfg: TrainConfig) -> dict:
-    """Train on `train`, select on `val`'s Avg (a CIRSplit, or the per-category units of FashionIQ)."""
+        val_bank: TokenBank, reverse: dict | None, cfg: TrainConfig, dist: DistInfo | None = None) -> dict:
+    """Train on `train`, select on `val`'s Avg (a CIRSplit, or the per-category units of FashionIQ). `bank` and
+    `val_bank` are token sources (cir.features: a cache, or the tower run live)."""
+    dist = dist or DistInfo(device=model.device)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
     triplets = [t for t in train.triplets if t.target is not None]
     if not triplets:
         raise InputError(cfg.train_root or cfg.cirr_root, f"{cfg.train_split} captions", "no triplet with a target")
     bs = min(cfg.batch_size, len(triplets))
+    check_batch_divisible(bs, dist.world_size)  # bs < batch_size when there are fewer triplets
     per_epoch = len(triplets) // bs
     total = per_epoch * cfg.epochs
     params = [p for p in model.parameters() if p.requires_grad]
+    loss_module = _wrap(model, reverse, cfg, dist)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = _schedule(opt, cfg, total)
     step, tracker_best = 0, BestTracker()
     if cfg.resume and (out / LAST / "training_state.pt").is_file():
         step, meta = resume(out / LAST, stage="cir", model=model, optimizer=opt, scheduler=sched)
         tracker_best = BestTracker(meta.get("best_val_avg"))
-        print(f"[cir.train] resuming {out} at step {step}")
-    tracker = Tracker(out, cfg, name=f"cir-{out.name}")
+        if dist.is_main:
+            print(f"[cir.train] resuming {out} at step {step}")
+    tracker = Tracker(out, cfg, name=f"cir-{out.name}", enabled=dist.is_main)
     best_metrics: dict = {}
-    bar = progress(total=total, initial=step, desc=f"cir {out.name}")
+    bar = progress(total=total, initial=step, desc=f"cir {out.name}", enabled=dist.is_main)
     while step < total:
         epoch, offset = divmod(step, per_epoch)
-        model.train()
-        for idx in epoch_batches(len(triplets), bs, cfg.seed, epoch)[offset:]:
-            loss, parts = step_loss(model, [triplets[i] for i in idx], bank, reverse, cfg)
+        loss_module.train()
+        batches = [[triplets[i] for i in idx] for idx in epoch_batches(len(triplets), bs, cfg.seed, epoch)[offset:]]
+        images = [step_images(rank_share(b, dist), reverse is not None, cfg) for b in batches]
+        for batch, tokens in zip(batches, bank.batches(images)):
+            with autocast(dist.device):
+                loss, parts = loss_module(batch, tokens)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
             step += 1
+            logged = {f"train/{k}": all_reduce_mean(v, dist) for k, v in parts.items()}
+            logged["train/loss"] = all_reduce_mean(loss.item(), dist)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            tracker.log({f"train/{k}": v for k, v in parts.items()} | {"train/loss": loss.item()}, step=step)
-        metrics = evaluate_model(model, val, val_bank)
-        tracker.log({f"val/{k}": v for k, v in metrics.items()}, step=step)
-        if tracker_best.update(metrics["Avg"]):
-            best_metrics = {**metrics, "step": step}
-            save_checkpoint(out / BEST, stage="cir", model=model, step=step, config=cfg,
-                            extra={"val": metrics}, model_files=model.write_files)
-        save_checkpoint(out / LAST, stage="cir", model=model, step=step, optimizer=opt, scheduler=sched, config=cfg,
-                        extra={"best_val_avg": tracker_best.best}, model_files=model.write_files)
+            bar.set_postfix(loss=f"{logged['train/loss']:.3f}")
+            tracker.log(logged, step=step)
+        if dist.is_main:  # rank 0 validates and writes; the others wait
+            new_best = _validate_and_save(model, val, val_bank, opt, sched, step, tracker, tracker_best, cfg)
+            best_metrics = new_best or best_metrics
+        barrier(dist)
     bar.close()
-    if not best_metrics:  # resumed after the last epoch finished: read what the best checkpoint recorded
-        best_metrics = read_json(out / BEST / "meta.json").get("val", {})
-    result = {"val": best_metrics, "objective": cfg.objective, "alpha": cfg.alpha, "n_train": len(triplets),
-              "steps": total}
-    write_metrics(out, result)
+    result: dict = {}
+    if dist.is_main:
+        if not best_metrics:  # resumed after the last epoch finished: read what the best checkpoint recorded
+            best_metrics = read_json(out / BEST / "meta.json").get("val", {})
+        result = {"val": best_metrics, "objective": cfg.objective, "alpha": cfg.alpha, "n_train": len(triplets),
+                  "steps": total}
+        write_metrics(out, result)
+        shown = ", ".join(f"{k} {best_metrics[k]:.2f}" for k in ("R@1", "Rs@1", "mean/R@10", "mean/R@50")
+                          if k in best_metrics)
+        print(f"[cir.train] {out.name}: best val Avg {best_metrics.get('Avg', float('nan')):.2f} ({shown})")
     tracker.finish()
-    shown = ", ".join(f"{k} {best_metrics[k]:.2f}" for k in ("R@1", "Rs@1", "mean/R@10", "mean/R@50")
-                      if k in best_metrics)
-    print(f"[cir.train] {out.name}: best val Avg {best_metrics.get('Avg', float('nan')):.2f} ({shown})")
-    return result
+    return broadcast_object(result, dist)
+
+
+def _validate_and_save(model: ComposedRetriever, val: CIRSplit | Sequence[CIRSplit], val_bank: TokenBank,
+                       opt: torch.optim.Optimizer, sched, step: int, tracker: Tracker, best: BestTracker,
+                       cfg: TrainConfig) -> dict:
+    """Validate, keep the best checkpoint and the last one; returns the metrics when they are a new best."""
+    out = Path(cfg.output_dir)
+    metrics = evaluate_model(model, val, val_bank)
+    tracker.log({f"val/{k}": v for k, v in metrics.items()}, step=step)
+    new_best = {}
+    if best.update(metrics["Avg"]):
+        new_best = {**metrics, "step": step}
+        save_checkpoint(out / BEST, stage="cir", model=model, step=step, config=cfg,
+                        extra={"val": metrics}, model_files=model.write_files)
+    save_checkpoint(out / LAST, stage="cir", model=model, step=step, optimizer=opt, scheduler=sched, config=cfg,
+                    extra={"best_val_avg": best.best}, model_files=model.write_files)
+    return new_best
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 #   no-pretrain    from scratch, L_q2t          pretrain       from pretrain-synthetic, L_q2t
 #   pretrain+ptha  PTHA, alpha 0.5 (the paper)  ptha-alpha0/1  PTHA with alpha 0 / 1
 # -> $RUN_DIR/cir/<row>/checkpoint-best/ and $RUN_DIR/cir/best_model.txt (the pretrain+ptha folder).
+# Multi-process: NPROC=2 bash scripts/cir/04_finetune.sh (torchrun, DDP; the global batch is split over the processes).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/common.sh
@@ -16,5 +17,5 @@ COMMON=(--config configs/cir/shapes_train.yaml --cirr_root "$DATA_DIR/cirr" --im
         --data_json "$DATA_DIR/dataset_shapes.json" --dense_checkpoint "$RUN_DIR/dense/checkpoint-best"
         --reverse_root "$RUN_DIR/cir/synthetic" --epochs "$EPOCHS" --batch_size "$BATCH_SIZE" --seed "$SEED")
 
-"$PYTHON" -m cir.finetune_rows "${COMMON[@]}" --run_root "$RUN_DIR/cir" --init_from "$PRETRAINED" \
+launch cir.finetune_rows "${COMMON[@]}" --run_root "$RUN_DIR/cir" --init_from "$PRETRAINED" \
   --lr_scratch "$LR_SCRATCH" --lr "$LR_FINETUNE" "$@"

@@ -9,7 +9,7 @@ from PIL import Image
 
 from cir.data import load_cirr
 from cir.evaluate import evaluate_model
-from cir.features import token_bank
+from cir.features import LiveTokens, token_bank
 from cir.retriever import ComposedRetriever, build_shapes_retriever
 from cir.train import TrainConfig, batch_targets, fit, step_loss
 
@@ -38,29 +38,37 @@ def _pixels(model, split, names):
 def test_training_embedding_is_the_search_embedding(retriever, cir_data, tmp_path):
     train, _ = cir_data
     batch = train.triplets[:6]
-    bank = token_bank(retriever.image_encoder, train.images, tmp_path / "tokens.pt")
+    live = LiveTokens(retriever.image_encoder, train.images, device=torch.device("cpu"))
+    cached = token_bank(retriever.image_encoder, train.images, tmp_path / "tokens")
+    _, names = batch_targets(batch, True, True)
     retriever.eval()
     with torch.no_grad():
-        # what step_loss trains (cached tokens) == what encode_queries / encode_targets return from pixels
-        trained_q, _ = retriever.encode_queries_with_prototype(bank.get([t.reference for t in batch], "cpu"),
+        # what step_loss trains (the tower run live on the loader's batches) == what encode_queries / encode_targets
+        # return from pixels
+        (tokens,) = live.batches([[t.reference for t in batch] + names])
+        trained_q, _ = retriever.encode_queries_with_prototype(tokens.get([t.reference for t in batch], "cpu"),
                                                                [t.caption for t in batch])
         served_q = retriever.encode_queries(_pixels(retriever, train, [t.reference for t in batch]),
                                             [t.caption for t in batch])
-        _, names = batch_targets(batch, True, True)
-        trained_t = retriever.encode_targets_from_tokens(bank.get(names, "cpu"))
+        trained_t = retriever.encode_targets_from_tokens(tokens.get(names, "cpu"))
         served_t = retriever.encode_targets(_pixels(retriever, train, names))
+        # ... and from the float16 cache, up to its rounding
+        cached_q = retriever.encode_queries_from_tokens(cached.get([t.reference for t in batch], "cpu"),
+                                                        [t.caption for t in batch])
+        cached_t = retriever.encode_targets_from_tokens(cached.get(names, "cpu"))
         # the padding mask: a query's embedding does not depend on the other (longer) texts in its batch
-        alone = retriever.encode_queries_from_tokens(bank.get([batch[0].reference], "cpu"), [batch[0].caption])
-        padded = retriever.encode_queries_from_tokens(bank.get([batch[0].reference] * 2, "cpu"),
+        alone = retriever.encode_queries_from_tokens(cached.get([batch[0].reference], "cpu"), [batch[0].caption])
+        padded = retriever.encode_queries_from_tokens(cached.get([batch[0].reference] * 2, "cpu"),
                                                       [batch[0].caption, batch[0].caption + " and " * 10 + "more"])
     assert torch.allclose(trained_q, served_q, atol=1e-5) and torch.allclose(trained_t, served_t, atol=1e-5)
+    assert torch.allclose(cached_q, served_q, atol=5e-3) and torch.allclose(cached_t, served_t, atol=5e-3)
     assert torch.allclose(alone[0], padded[0], atol=1e-5)
     assert torch.allclose(served_q.norm(dim=-1), torch.ones(len(batch)), atol=1e-5)
 
 
 def test_ptha_step_and_save_reload(retriever, cir_data, tmp_path):
     train, _ = cir_data
-    bank = token_bank(retriever.image_encoder, train.images, tmp_path / "tokens.pt")
+    bank = token_bank(retriever.image_encoder, train.images, tmp_path / "tokens")
     reverse = {t.pairid: f"undo: {t.caption}" for t in train.triplets}
     cfg = TrainConfig(objective="ptha")
     retriever.train()
@@ -85,7 +93,7 @@ def test_retriever_training_beats_chance(dense_checkpoint, cir_data, tmp_path):
     train, _ = cir_data
     torch.manual_seed(0)
     model = build_shapes_retriever(dense_checkpoint, [t.caption for t in train.triplets], SMALL)
-    bank = token_bank(model.image_encoder, train.images, tmp_path / "tokens.pt")
+    bank = token_bank(model.image_encoder, train.images, tmp_path / "tokens")
     before = evaluate_model(model, train, bank)
     cfg = TrainConfig(output_dir=str(tmp_path / "run"), epochs=30, batch_size=32, lr=3e-3, warmup_steps=5,
                       temperature=0.1)

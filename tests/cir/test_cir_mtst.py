@@ -26,7 +26,7 @@ def test_generator_trains_and_reads_the_images(shapes_world, dense_checkpoint, t
     assert metrics["model_id"].startswith("mtst/checkpoint-best@") and "ROUGE-L" in metrics["test"]
     gen = load_modification_generator(out / "checkpoint-best", device=torch.device("cpu"))
     train = load_cirr(shapes_world / "cirr", "train")
-    bank = token_bank(gen.image_encoder, train.images, tmp_path / "tokens.pt")
+    bank = token_bank(gen.image_encoder, train.images, tmp_path / "tokens")
     trip = train.triplets[:48]
     ref, tgt = bank.get([t.reference for t in trip], "cpu"), bank.get([t.target for t in trip], "cpu")
     texts = [t.caption for t in trip]

@@ -2,9 +2,9 @@
 `--model_backbone`: the project's composed retriever (`cir.retriever.ComposedRetriever`, Shapes) or a VLM2Vec-style
 Qwen2-VL (last-token pooling of the final hidden state, real data). Both expose one interface:
 
-    prepare_images(list of PIL) -> prepared corpus;  take(prepared, indices) -> image batch
+    prepare_images(corpus) -> ImageSource (cir.iterative.data: one item per image, batches read by DataLoader workers)
     encode_queries(reference batch, texts) -> [B, D];  encode_targets(image batch) -> [B, D]  (L2-normalised)
-    temperature;  save_pretrained(folder);  load_backbone(kind, path)
+    temperature;  save_pretrained(folder);  load_backbone(kind, path, device)
 
 Training, mining and evaluation all call these same two functions, so the embedding the loss trains is the one
 retrieval ranks with.
@@ -19,6 +19,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from cir.iterative.data import SINGLE, Corpus, ImageSource, describe_transform, token_cache
+from core.device import get_device, pretrained_dtype_kwargs
+from core.distributed import DistInfo
 from core.errors import InputError
 from core.io import atomic_write_json
 
@@ -30,11 +33,9 @@ class EmbeddingBackbone(torch.nn.Module):
     kind = ""
     temperature: float = 0.07
 
-    def prepare_images(self, images: Sequence[Image.Image]) -> Any:
-        """What the model needs of each image, computed once per run (whatever stays fixed while training)."""
-        raise NotImplementedError
-
-    def take(self, prepared: Any, indices: Sequence[int]) -> Any:
+    def prepare_images(self, corpus: Corpus, info: DistInfo = SINGLE) -> ImageSource:
+        """What the model reads of each corpus image, computed once per run (whatever stays fixed while training).
+        Under torchrun every rank calls it."""
         raise NotImplementedError
 
     def prepared_key(self) -> str:
@@ -55,32 +56,31 @@ class EmbeddingBackbone(torch.nn.Module):
 
 
 class ComposedRetrieverBackbone(EmbeddingBackbone):
-    """The CIR stage's composed retriever. Its image encoder is frozen (as the CIR stage trains it), so every image's
-    patch tokens are computed once per run and the Q-Formers train on them: the same `*_from_tokens` functions that
-    the retriever's own `encode_queries` / `encode_targets` call on pixels."""
+    """The CIR stage's composed retriever. Its image encoder is frozen (as the CIR stage trains it), so by default
+    every image's patch tokens are computed once per run into a float16 cache on disk (cir.iterative.data.token_cache,
+    reused while encoder, preprocessing and image list are unchanged) and the Q-Formers train on them: the same
+    `*_from_tokens` functions that the retriever's own `encode_queries` / `encode_targets` call on pixels. With
+    `cache_tokens` off the frozen encoder runs live on each batch of pixels instead (a real ViT-g's tokens of a whole
+    corpus are tens of GB)."""
 
     kind = "composed_retriever"
 
-    def __init__(self, retriever: torch.nn.Module, temperature: float | None = None, token_batch: int = 256):
+    def __init__(self, retriever: torch.nn.Module, temperature: float | None = None, token_batch: int = 256,
+                 cache_tokens: bool = True):
         super().__init__()
         self.retriever = retriever
         self.retriever.image_encoder.requires_grad_(False)
         self.temperature = float(temperature if temperature is not None else _retriever_temperature(retriever))
-        self.token_batch = token_batch
+        self.token_batch, self.cache_tokens = token_batch, cache_tokens
 
-    @torch.no_grad()
-    def prepare_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        from core.logging import progress
-
-        chunks = []
-        for start in progress(range(0, len(images), self.token_batch), desc="image tokens"):
-            pixels = torch.stack([self.retriever.preprocess(im.convert("RGB"))
-                                  for im in images[start:start + self.token_batch]])
-            chunks.append(self.retriever.image_tokens(pixels).cpu())
-        return torch.cat(chunks)
-
-    def take(self, prepared: torch.Tensor, indices: Sequence[int]) -> torch.Tensor:
-        return prepared[torch.as_tensor(list(indices), dtype=torch.long)]
+    def prepare_images(self, corpus: Corpus, info: DistInfo = SINGLE) -> ImageSource:
+        if not self.cache_tokens:
+            return corpus.pixels(self.retriever.preprocess)
+        encoder = self.retriever.image_encoder
+        made_by = {"encoder": self.prepared_key(), "kind": encoder.kind, "source": encoder.source,
+                   "preprocess": describe_transform(self.retriever.preprocess)}
+        return token_cache(corpus, self.retriever.image_tokens, self.retriever.preprocess, made_by, self.token_batch,
+                           _device_of(self), info)
 
     def prepared_key(self) -> str:
         # Cached tokens are reused across rounds only if the frozen image encoder really is the same.
@@ -89,25 +89,32 @@ class ComposedRetrieverBackbone(EmbeddingBackbone):
         digest = hashlib.sha256()
         for name, tensor in sorted(self.retriever.image_encoder.state_dict().items()):
             digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        return digest.hexdigest()[:16]
+            # the raw bytes, whatever the dtype (numpy has no bfloat16)
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()[:16] + ("-tokens" if self.cache_tokens else "-pixels")
+
+    def _tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Image tokens of a prepared batch: the cached tokens [B, T, D], or the live encoder's on pixels."""
+        images = images.to(_device_of(self), non_blocking=True)
+        return images if self.cache_tokens else self.retriever.image_tokens(images)
 
     def encode_queries(self, references: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
-        return self.retriever.encode_queries_from_tokens(references.to(_device_of(self)), list(texts))
+        return self.retriever.encode_queries_from_tokens(self._tokens(references), list(texts))
 
     def encode_targets(self, images: torch.Tensor) -> torch.Tensor:
-        return self.retriever.encode_targets_from_tokens(images.to(_device_of(self)))
+        return self.retriever.encode_targets_from_tokens(self._tokens(images))
 
     def save_pretrained(self, folder: str | Path) -> None:
         self.retriever.save_pretrained(folder)
         self._write_spec(folder)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "ComposedRetrieverBackbone":
+    def from_pretrained(cls, path: str | Path, device: torch.device | None = None) -> "ComposedRetrieverBackbone":
         from cir.retriever import ComposedRetriever
 
         spec = _read_spec(path)
-        return cls(ComposedRetriever.from_pretrained(path), spec.get("temperature", _trained_temperature(path)))
+        return cls(ComposedRetriever.from_pretrained(path, device=device),
+                   spec.get("temperature", _trained_temperature(path)))
 
 
 def _trained_temperature(folder: str | Path) -> float | None:
@@ -148,15 +155,13 @@ class Qwen2VLEmbedder(EmbeddingBackbone):
     def image_placeholder(self) -> str:
         return "<|vision_start|>" + self.processor.image_token + "<|vision_end|>"
 
-    def prepare_images(self, images: Sequence[Image.Image]) -> list[Image.Image]:
-        # The vision tower trains too (VLM2Vec fine-tunes the whole model), so nothing can be precomputed.
-        return [im.convert("RGB") for im in images]
-
-    def take(self, prepared: list[Image.Image], indices: Sequence[int]) -> list[Image.Image]:
-        return [prepared[i] for i in indices]
+    def prepare_images(self, corpus: Corpus, info: DistInfo = SINGLE) -> ImageSource:
+        # The vision tower trains too (VLM2Vec fine-tunes the whole model), so nothing can be precomputed: the
+        # images are decoded per batch by the DataLoader's workers.
+        return corpus.files()
 
     def prepared_key(self) -> str:
-        return "pil-rgb"
+        return "image-files"
 
     def encode_queries(self, references: Sequence[Image.Image], texts: Sequence[str]) -> torch.Tensor:
         prompts = [self.QUERY.format(image=self.image_placeholder, text=t) for t in texts]
@@ -177,12 +182,15 @@ class Qwen2VLEmbedder(EmbeddingBackbone):
         self._write_spec(folder)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, temperature: float = 0.02) -> "Qwen2VLEmbedder":
+    def from_pretrained(cls, path: str | Path, device: torch.device | None = None,
+                        temperature: float = 0.02) -> "Qwen2VLEmbedder":
         from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
+        device = device or get_device()
         spec = _read_spec(path) if Path(path).is_dir() else {}
-        vlm = Qwen2VLForConditionalGeneration.from_pretrained(path)
-        return cls(vlm, AutoProcessor.from_pretrained(path), spec.get("temperature", temperature))
+        # bf16 weights on CUDA (a 2B-7B VLM), fp32 on CPU: the load dtype is decided once, in core.device.
+        vlm = Qwen2VLForConditionalGeneration.from_pretrained(path, **pretrained_dtype_kwargs(device))
+        return cls(vlm.to(device), AutoProcessor.from_pretrained(path), spec.get("temperature", temperature))
 
 
 def last_token_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -191,16 +199,21 @@ def last_token_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
-def load_backbone(kind: str, path: str | Path) -> EmbeddingBackbone:
-    """Round 0 is the upstream model in its own folder; later rounds are our checkpoint_iter_N/ folders."""
+def load_backbone(kind: str, path: str | Path, device: torch.device | None = None,
+                  cache_tokens: bool = True) -> EmbeddingBackbone:
+    """Round 0 is the upstream model in its own folder; later rounds are our checkpoint_iter_N/ folders.
+    `cache_tokens` (composed retriever): its frozen encoder's tokens come from a cache on disk, else run live."""
     if kind not in MODEL_BACKBONES:
         raise InputError("command line", "model_backbone",
                          f"unknown backbone {kind!r}; choose one of {', '.join(MODEL_BACKBONES)}")
     spec = _read_spec(path) if Path(path).is_dir() else {}
     if spec and spec.get("backbone") != kind:
         raise InputError(Path(path) / SPEC_FILE, "backbone", f"this checkpoint holds a {spec.get('backbone')} model, not {kind}")
-    cls = {"composed_retriever": ComposedRetrieverBackbone, "qwen2_vl": Qwen2VLEmbedder}[kind]
-    return cls.from_pretrained(path)
+    if kind == "qwen2_vl":
+        return Qwen2VLEmbedder.from_pretrained(path, device=device)
+    model = ComposedRetrieverBackbone.from_pretrained(path, device=device)
+    model.cache_tokens = cache_tokens
+    return model
 
 
 def _read_spec(path: str | Path) -> dict[str, Any]:

@@ -1,7 +1,10 @@
-"""Command-line surface of `train_iterative` and `eval_iterative` (the seed's flags), one dataclass each."""
+"""Command-line surface of `train_iterative` and `eval_iterative` (the seed's flags), one dataclass each; both take
+core.data's DataLoader settings (num_workers, pin_memory, persistent_workers, verify_images)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from core.data import LoaderOptions
 
 # Fields that change what a round computes; everything else (paths of outputs, resume switches, logging)
 # may differ between a run and its resumption without invalidating cached rounds.
@@ -13,7 +16,7 @@ TRAINING_FIELDS = ("batch_size", "learning_rate", "weight_decay", "epochs_per_ro
 
 
 @dataclass
-class TrainIterativeConfig:
+class TrainIterativeConfig(LoaderOptions):
     # data: the CIRR layout (captions/cap.rc2.{split}.json, image_splits/split.rc2.{split}.json)
     dataset_name: str = "shapes"            # shapes | cirr (both in the CIRR layout); names the experiment folder
     data_dir: str = ""                      # folder holding captions/ and image_splits/
@@ -23,6 +26,10 @@ class TrainIterativeConfig:
     # the embedding model (round 0 = the model in model_path)
     model_backbone: str = "composed_retriever"   # composed_retriever (Shapes) | qwen2_vl (VLM2Vec-style)
     model_path: str = ""                    # folder (or hub name for qwen2_vl) of the round-0 model
+    # composed_retriever: its frozen image encoder's tokens are cached on disk (float16, image_cache/ in the
+    # experiment); false = the encoder runs live on every batch (a ViT-g's tokens of CIRR are ~15 GB). Either way
+    # the same numbers up to float16 rounding, so it is not part of the rounds' manifests.
+    cache_image_tokens: bool = True
     # the foundation model that writes new modification texts
     foundation_model_backbone: str = "mtst"  # mtst | qwen2_vl | llava
     foundation_model_path: str = ""
@@ -39,7 +46,7 @@ class TrainIterativeConfig:
     negatives_per_query: int = 2            # mined hard negatives appended to the loss's targets per original query
     accumulate_augmented: bool = True       # round N trains on the augmented triplets of rounds 1..N
     # training, restarted each round from the previous round's best checkpoint
-    batch_size: int = 64
+    batch_size: int = 64                    # global batch (at most this many triplets), split over torchrun's ranks
     learning_rate: float = 5e-5
     weight_decay: float = 0.01
     epochs_per_round: int = 2
@@ -57,7 +64,7 @@ class TrainIterativeConfig:
 
 
 @dataclass
-class EvalIterativeConfig:
+class EvalIterativeConfig(LoaderOptions):
     experiment_dir: str = ""                # a train_iterative output folder (its config.yaml names data and model)
     iterations: list[int] = field(default_factory=list)  # e.g. "1,3,5"; empty = every round found, round 0 included
     eval_dataset: str = "test"              # the split to evaluate (CIRR test labels are server-only: use val there)

@@ -1,6 +1,8 @@
 """Evaluate every round's model (or the rounds in --iterations) of a train_iterative experiment on one split with
 the CIRR metrics; writes `evaluation_results.json` in the experiment folder and, with --summary, rows round0..roundN
-(metrics + that round's hard-negative statistics) into the main job's results.json.
+(metrics + that round's hard-negative statistics) into the main job's results.json. The frozen image encoder's tokens
+of the split are cached in the experiment's image_cache/. Runs under torchrun too (embeddings computed in shards,
+rank 0 writes).
 
     python -m cir.iterative.eval_iterative --experiment_dir experiments/composed_retriever_shapes_iterative --iterations "1,3,5"
 """
@@ -12,11 +14,13 @@ from typing import Any, Sequence
 
 from cir.iterative.backbones import load_backbone
 from cir.iterative.config import EvalIterativeConfig, TrainIterativeConfig
-from cir.iterative.data import Corpus, load_split
+from cir.iterative.data import Corpus, load_split, split_listing
 from cir.iterative.evaluate import evaluate_split
-from cir.iterative.train_iterative import ROUND_FILE, checkpoint_dir, round_model_path, round_stats
+from cir.iterative.train_iterative import CACHE_DIR, ROUND_FILE, checkpoint_dir, round_model_path, round_stats
 from core.config import load_saved_config, parse_config
-from core.device import get_device, seed_everything
+from core.data import verify_images
+from core.device import seed_everything
+from core.distributed import barrier, cleanup, init_distributed
 from core.errors import InputError
 from core.io import atomic_write_json
 from core.logging import format_table
@@ -43,24 +47,37 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         if n not in found:
             raise InputError(checkpoint_dir(exp, n), "iterations", f"round {n} has no finished checkpoint in {exp}")
     seed_everything(cfg.seed)
-    triplets, paths = load_split(cfg.data_dir or train_cfg.data_dir, cfg.image_root or train_cfg.image_root,
-                                 cfg.eval_dataset)
+    data_dir = cfg.data_dir or train_cfg.data_dir
+    triplets, paths = load_split(data_dir, cfg.image_root or train_cfg.image_root, cfg.eval_dataset)
     if any(t.target is None for t in triplets):
         raise InputError(cfg.eval_dataset, "eval_dataset", "this split has no target labels (CIRR test is server-only)")
-    corpus, gallery = Corpus(paths), sorted(paths)
+    listing = split_listing(data_dir, cfg.eval_dataset)
+    if cfg.verify_images:
+        verify_images(list(paths.values()), listing, cfg)
+    info = init_distributed()
+    if not info.is_main:
+        log.setLevel(logging.WARNING)
+    corpus = Corpus(paths, {n: listing for n in paths}, cache_dir=exp / CACHE_DIR, name=f"eval-{cfg.eval_dataset}",
+                    options=cfg)
+    gallery = sorted(paths)
     results: dict[str, dict[str, Any]] = {}
     for n in rounds:
-        model = load_backbone(train_cfg.model_backbone, round_model_path(exp, train_cfg, n)).to(get_device())
-        corpus.prepare(model)
-        metrics = evaluate_split(model, corpus, triplets, gallery, cfg.eval_batch_size)
+        model = load_backbone(train_cfg.model_backbone, round_model_path(exp, train_cfg, n), device=info.device,
+                              cache_tokens=train_cfg.cache_image_tokens)
+        corpus.prepare(model.to(info.device), info)
+        metrics = evaluate_split(model, corpus, triplets, gallery, cfg.eval_batch_size, info)
         results[f"round{n}"] = {**metrics, **round_stats(exp, n)}
         log.info("round %d on %s: R@1 %.2f  Avg %.2f", n, cfg.eval_dataset, metrics["R@1"], metrics["Avg"])
-    out = Path(cfg.output_file) if Path(cfg.output_file).is_absolute() else exp / cfg.output_file
-    atomic_write_json(out, {"split": cfg.eval_dataset, "queries": len(triplets), "gallery": len(gallery),
-                            "rounds": results})
-    if cfg.summary:
-        update_summary(cfg.summary, cfg.summary_stage, results)
-    print(format_table(results, title=f"iterative CIR on {cfg.eval_dataset} (rounds; stats of each round's mining)"))
+    if info.is_main:
+        out = Path(cfg.output_file) if Path(cfg.output_file).is_absolute() else exp / cfg.output_file
+        atomic_write_json(out, {"split": cfg.eval_dataset, "queries": len(triplets), "gallery": len(gallery),
+                                "rounds": results})
+        if cfg.summary:
+            update_summary(cfg.summary, cfg.summary_stage, results)
+        print(format_table(results,
+                           title=f"iterative CIR on {cfg.eval_dataset} (rounds; stats of each round's mining)"))
+    barrier(info)
+    cleanup(info)
     return results
 
 

@@ -1,6 +1,8 @@
 """Real retrieval with the current model: query and gallery embeddings through the backbone's `encode_queries` /
 `encode_targets`, scores by inner product. Mining and evaluation both call `score_queries`, so hard negatives are
-mined with exactly the encoder that evaluation ranks with."""
+mined with exactly the encoder that evaluation ranks with. The batches are read by DataLoader workers
+(cir.iterative.data.Corpus.batches); under torchrun each rank encodes its share and the embeddings are gathered, so
+every rank holds the same scores."""
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -9,40 +11,54 @@ import numpy as np
 import torch
 
 from cir.iterative.backbones import EmbeddingBackbone
-from cir.iterative.data import Corpus, Triplet
+from cir.iterative.data import SINGLE, Corpus, Triplet
+from cir.iterative.sharding import gather_share_rows, padded_share
 from core.device import autocast
+from core.distributed import DistInfo
 from core.logging import progress
 
 
-@torch.no_grad()
-def encode_gallery(backbone: EmbeddingBackbone, corpus: Corpus, names: Sequence[str], batch_size: int) -> torch.Tensor:
-    backbone.eval()
-    device = next(backbone.parameters()).device
-    out = []
-    for start in progress(range(0, len(names), batch_size), desc="encoding gallery"):
-        with autocast(device):
-            out.append(backbone.encode_targets(corpus.batch(backbone, names[start:start + batch_size])).float().cpu())
-    return torch.cat(out)
+def _device_of(backbone: EmbeddingBackbone) -> torch.device:
+    return next(backbone.parameters()).device
 
 
 @torch.no_grad()
-def encode_queries(backbone: EmbeddingBackbone, corpus: Corpus, triplets: Sequence[Triplet], batch_size: int) -> torch.Tensor:
+def encode_gallery(backbone: EmbeddingBackbone, corpus: Corpus, names: Sequence[str], batch_size: int,
+                   info: DistInfo = SINGLE) -> torch.Tensor:
+    """[n, D] target embeddings on the CPU; under torchrun each rank encodes its share and every rank gets all."""
     backbone.eval()
-    device = next(backbone.parameters()).device
+    device = _device_of(backbone)
+    share, _ = padded_share(list(names), info)
+    specs = [([share[s:s + batch_size]], None) for s in range(0, len(share), batch_size)]
     out = []
-    for start in progress(range(0, len(triplets), batch_size), desc="encoding queries"):
-        chunk = triplets[start:start + batch_size]
-        refs = corpus.batch(backbone, [t.reference for t in chunk])
+    for (images,), _ in corpus.batches(specs, device, desc="encoding gallery" if info.is_main else ""):
         with autocast(device):
-            out.append(backbone.encode_queries(refs, [t.caption for t in chunk]).float().cpu())
-    return torch.cat(out)
+            out.append(backbone.encode_targets(images).float())
+    return gather_share_rows(torch.cat(out), len(names), info).cpu()
+
+
+@torch.no_grad()
+def encode_queries(backbone: EmbeddingBackbone, corpus: Corpus, triplets: Sequence[Triplet], batch_size: int,
+                   info: DistInfo = SINGLE) -> torch.Tensor:
+    """[n, D] query embeddings of (reference, modification text), sharded over ranks like `encode_gallery`."""
+    backbone.eval()
+    device = _device_of(backbone)
+    share, _ = padded_share(list(triplets), info)
+    specs = [([[t.reference for t in share[s:s + batch_size]]], [t.caption for t in share[s:s + batch_size]])
+             for s in range(0, len(share), batch_size)]
+    out = []
+    for (refs,), texts in corpus.batches(specs, device, desc="encoding queries" if info.is_main else ""):
+        with autocast(device):
+            out.append(backbone.encode_queries(refs, texts).float())
+    return gather_share_rows(torch.cat(out), len(triplets), info).cpu()
 
 
 def score_queries(backbone: EmbeddingBackbone, corpus: Corpus, triplets: Sequence[Triplet], gallery: Sequence[str],
-                  batch_size: int) -> np.ndarray:
-    """[n_queries, n_gallery] similarities, each query's own reference image set to -inf (CIRR excludes it)."""
-    g = encode_gallery(backbone, corpus, list(gallery), batch_size)
-    q = encode_queries(backbone, corpus, list(triplets), batch_size)
+                  batch_size: int, info: DistInfo = SINGLE) -> np.ndarray:
+    """[n_queries, n_gallery] similarities, each query's own reference image set to -inf (CIRR excludes it).
+    Under torchrun every rank calls it and gets the same matrix."""
+    g = encode_gallery(backbone, corpus, list(gallery), batch_size, info)
+    q = encode_queries(backbone, corpus, list(triplets), batch_size, info)
     scores = (q @ g.T).numpy()
     column = {name: j for j, name in enumerate(gallery)}
     for i, t in enumerate(triplets):
@@ -52,13 +68,14 @@ def score_queries(backbone: EmbeddingBackbone, corpus: Corpus, triplets: Sequenc
 
 
 def mine_hard_negatives(backbone: EmbeddingBackbone, corpus: Corpus, triplets: Sequence[Triplet],
-                        gallery: Sequence[str], k: int, batch_size: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
+                        gallery: Sequence[str], k: int, batch_size: int,
+                        info: DistInfo = SINGLE) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Queries whose target is not ranked first over the training images, each with its top-k wrong candidates
-    (reference and ground truth filtered out). Returns (records, statistics)."""
-    scores = score_queries(backbone, corpus, triplets, gallery, batch_size)
+    (reference and ground truth filtered out). Returns (records, statistics), the same on every rank."""
+    scores = score_queries(backbone, corpus, triplets, gallery, batch_size, info)
     column = {name: j for j, name in enumerate(gallery)}
     records, ranks = [], []
-    for i, t in enumerate(progress(triplets, desc="mining hard negatives")):
+    for i, t in enumerate(progress(triplets, desc="mining hard negatives", enabled=info.is_main)):
         row = scores[i]
         target_score = row[column[t.target]]
         rank = int((row > target_score).sum())  # strict: a tie does not push the target down (core.metrics convention)

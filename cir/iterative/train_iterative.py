@@ -3,9 +3,14 @@
   2. the foundation model writes texts for (reference, hard negative)      -> augmented_samples_iter_N.json
   3. train on original + augmented triplets with hard negatives in the loss -> checkpoint_iter_N/
 Each file stores the manifest it was computed from (checkpoint hash, config hash, generator settings) and is reused
-on --auto_resume only when that manifest matches. Reads the CIRR layout under --data_dir; writes --experiment_dir.
+on --auto_resume only when that manifest matches. Reads the CIRR layout under --data_dir; writes --experiment_dir
+(and the frozen image encoder's token cache in its image_cache/).
+
+Runs under torchrun unchanged: mining, generation and validation are computed in shards by every rank, training
+splits each global batch over the ranks (cir.iterative.trainer), and only rank 0 writes.
 
     python -m cir.iterative.train_iterative --config configs/cir_iterative/shapes.yaml --data_dir ... --model_path ...
+    torchrun --nproc_per_node 8 -m cir.iterative.train_iterative --config configs/cir_iterative/cirr.yaml
 """
 from __future__ import annotations
 
@@ -13,21 +18,24 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 
 from cir.iterative import augment, manifest
 from cir.iterative.backbones import MODEL_BACKBONES, EmbeddingBackbone, load_backbone
 from cir.iterative.config import GENERATION_FIELDS, MINING_FIELDS, TRAINING_FIELDS, TrainIterativeConfig
-from cir.iterative.data import Corpus, Triplet, load_split
+from cir.iterative.data import Corpus, Triplet, load_split, split_listing
 from cir.iterative.evaluate import evaluate_split
 from cir.iterative.foundation import check_foundation_args, foundation_settings, load_foundation_model
 from cir.iterative.retrieval import mine_hard_negatives
 from cir.iterative.text_filter import TextFilter
 from cir.iterative.trainer import discard_round_state, train_round
 from core.config import config_to_dict, parse_config, save_config
-from core.device import get_device, seed_everything
+from core.data import verify_images
+from core.device import seed_everything
+from core.distributed import (DistInfo, barrier, broadcast_object, check_batch_divisible, cleanup, init_distributed,
+                              world_size_from_env)
 from core.errors import InputError
 from core.io import atomic_dir, atomic_write_json, read_json
 from core.logging import Tracker, format_table, write_metrics
@@ -35,6 +43,8 @@ from core.logging import Tracker, format_table, write_metrics
 log = logging.getLogger("cir.iterative")
 STAGE = "cir-iterative"
 ROUND_FILE = "iteration.json"   # in checkpoint_iter_N/: the round's manifest, training history, stage name
+CACHE_DIR = "image_cache"       # in the experiment folder: the frozen image encoder's token caches
+T = TypeVar("T")
 
 
 def experiment_dir(cfg: TrainIterativeConfig) -> Path:
@@ -67,6 +77,8 @@ def validate_config(cfg: TrainIterativeConfig) -> None:
                  "generation_batch_size", "augment_per_query", "max_text_words"):
         if getattr(cfg, name) < 1:
             raise InputError("command line", name, "must be at least 1")
+    # A global batch is split over the ranks: refused here, before any work, when they cannot share it evenly.
+    check_batch_divisible(cfg.batch_size, world_size_from_env(), "command line", "batch_size")
     if cfg.checkpoint_every < 0:
         raise InputError("command line", "checkpoint_every", "must be 0 (after each epoch only) or a number of steps")
     if not 0 <= cfg.resume_from_iteration <= cfg.num_iterations:
@@ -90,7 +102,7 @@ def clean_stale_temporaries(exp: Path) -> int:
     removed; a `.{name}.old` folder is the complete previous version, put back if `{name}` itself is missing (a kill
     between atomic_dir's two renames) and removed otherwise. Returns how many entries were removed."""
     removed = 0
-    for folder in [exp, *sorted(exp.glob("training_iter_*"))]:
+    for folder in [exp, exp / CACHE_DIR, *sorted(exp.glob("training_iter_*"))]:
         for entry in sorted(folder.glob(".*")):
             if entry.name.endswith(".old") and entry.is_dir():
                 target = entry.with_name(entry.name[1:-len(".old")])
@@ -108,30 +120,45 @@ def clean_stale_temporaries(exp: Path) -> int:
 
 
 class RoundLoop:
-    """The state of one run: data, corpus, and the model of the latest round (loaded only when a step needs it)."""
+    """The state of one run: data, corpus, and the model of the latest round (loaded only when a step needs it).
+    Under torchrun every rank holds one; what a step reuses is decided by rank 0 and told to all, so the ranks
+    always take the same branches (and meet at the same collectives)."""
 
-    def __init__(self, cfg: TrainIterativeConfig, exp: Path):
-        self.cfg, self.exp, self.device = cfg, exp, get_device()
+    def __init__(self, cfg: TrainIterativeConfig, exp: Path, info: DistInfo | None = None):
+        self.info = info or DistInfo()
+        self.cfg, self.exp, self.device = cfg, exp, self.info.device
         self.train_triplets, train_paths = load_split(cfg.data_dir, cfg.image_root, cfg.train_split)
         self.val_triplets, val_paths = load_split(cfg.data_dir, cfg.image_root, cfg.val_split)
+        listed_in = {**{n: split_listing(cfg.data_dir, cfg.train_split) for n in train_paths},
+                     **{n: split_listing(cfg.data_dir, cfg.val_split) for n in val_paths}}
+        if cfg.verify_images and self.info.is_main:
+            verify_images([*train_paths.values(), *val_paths.values()], Path(cfg.data_dir) / "image_splits", cfg)
+        barrier(self.info)
         if cfg.fast_mode:
             keep = np.random.default_rng((cfg.seed, 31337)).permutation(len(self.train_triplets))[:cfg.fast_mode_triplets]
             self.train_triplets = [self.train_triplets[i] for i in sorted(keep)]
         self.train_gallery = sorted(train_paths)
         self.val_gallery = sorted(val_paths)
-        self.corpus = Corpus({**train_paths, **val_paths})
+        self.corpus = Corpus({**train_paths, **val_paths}, listed_in, cache_dir=exp / CACHE_DIR,
+                             name=f"{cfg.train_split}-{cfg.val_split}", options=cfg)
         self.data_hash = manifest.hash_json({"train": [(t.pairid, t.reference, t.caption, t.target) for t in self.train_triplets],
                                              "gallery": self.train_gallery})
         self.model: EmbeddingBackbone | None = None
         self.model_round: int | None = None
-        self.tracker = Tracker(exp, cfg, name=exp.name, enabled=cfg.wandb)
+        self.tracker = Tracker(exp, cfg, name=exp.name, enabled=cfg.wandb and self.info.is_main)
+
+    def on_main(self, compute: Callable[[], T]) -> T:
+        """Rank 0's value of `compute()` on every rank (a cache decision, a manifest)."""
+        return broadcast_object(compute() if self.info.is_main else None, self.info)
 
     # ---- the model of a round
     def model_of(self, round_index: int) -> EmbeddingBackbone:
         if self.model_round != round_index:
-            self.model = load_backbone(self.cfg.model_backbone, round_model_path(self.exp, self.cfg, round_index)).to(self.device)
+            path = round_model_path(self.exp, self.cfg, round_index)
+            self.model = load_backbone(self.cfg.model_backbone, path, device=self.device,
+                                       cache_tokens=self.cfg.cache_image_tokens).to(self.device)
             self.model_round = round_index
-            self.corpus.prepare(self.model)
+            self.corpus.prepare(self.model, self.info)
         return self.model
 
     def model_hash(self, round_index: int) -> str:
@@ -143,17 +170,19 @@ class RoundLoop:
     # ---- step 1: mining
     def mine(self, n: int, reuse: bool) -> tuple[Path, dict[str, Any]]:
         path = self.exp / f"hard_negatives_iter_{n}.json"
-        expected = {"round": n, "model": self.model_hash(n - 1), "data": self.data_hash,
-                    "config": manifest.config_hash(self.cfg, MINING_FIELDS)}
-        cached = manifest.read_cached(path, expected) if reuse else None
+        expected = self.on_main(lambda: {"round": n, "model": self.model_hash(n - 1), "data": self.data_hash,
+                                         "config": manifest.config_hash(self.cfg, MINING_FIELDS)})
+        cached = self.on_main(lambda: manifest.read_cached(path, expected) if reuse else None)
         if cached is not None:
             log.info("round %d: hard negatives reused from %s (manifest matches)", n, path.name)
             return path, cached
         model = self.model_of(n - 1)
         records, stats = mine_hard_negatives(model, self.corpus, self.train_triplets, self.train_gallery,
-                                             self.cfg.hard_negative_k, self.cfg.eval_batch_size)
-        data = {"stats": stats, "queries": records}
-        atomic_write_json(path, {"manifest": expected, "data": data})
+                                             self.cfg.hard_negative_k, self.cfg.eval_batch_size, self.info)
+        data = self.on_main(lambda: {"stats": stats, "queries": records})
+        if self.info.is_main:
+            atomic_write_json(path, {"manifest": expected, "data": data})
+        barrier(self.info)
         log.info("round %d: %d of %d training queries miss the top-1 (%.1f%%)", n, stats["missed_top1"],
                  stats["queries"], stats["missed_top1_%"])
         return path, data
@@ -162,11 +191,12 @@ class RoundLoop:
     def generate(self, n: int, hn_path: Path, hard_negatives: dict[str, Any], reuse: bool) -> tuple[Path, dict[str, Any]]:
         cfg = self.cfg
         path = self.exp / f"augmented_samples_iter_{n}.json"
-        expected = {"round": n, "hard_negatives": manifest.hash_file(hn_path),
-                    "generator": foundation_settings(cfg.foundation_model_backbone, cfg.foundation_model_path,
-                                                     cfg.max_new_tokens, cfg.num_beams, cfg.do_sample),
-                    "config": manifest.config_hash(cfg, GENERATION_FIELDS)}
-        cached = manifest.read_cached(path, expected) if reuse else None
+        expected = self.on_main(lambda: {
+            "round": n, "hard_negatives": manifest.hash_file(hn_path),
+            "generator": foundation_settings(cfg.foundation_model_backbone, cfg.foundation_model_path,
+                                             cfg.max_new_tokens, cfg.num_beams, cfg.do_sample),
+            "config": manifest.config_hash(cfg, GENERATION_FIELDS)})
+        cached = self.on_main(lambda: manifest.read_cached(path, expected) if reuse else None)
         if cached is not None:
             log.info("round %d: augmented samples reused from %s (manifest matches)", n, path.name)
             return path, cached
@@ -175,10 +205,12 @@ class RoundLoop:
         foundation = load_foundation_model(cfg.foundation_model_backbone, cfg.foundation_model_path, self.device,
                                            cfg.max_new_tokens, cfg.num_beams, cfg.do_sample)
         samples, stats = augment.generate_augmented(foundation, self.corpus, pairs, TextFilter(cfg.max_text_words),
-                                                    cfg.generation_batch_size, cfg.seed, n)
+                                                    cfg.generation_batch_size, cfg.seed, n, info=self.info)
         del foundation
-        data = {"stats": stats, "samples": samples}
-        atomic_write_json(path, {"manifest": expected, "data": data})
+        data = self.on_main(lambda: {"stats": stats, "samples": samples})
+        if self.info.is_main:
+            atomic_write_json(path, {"manifest": expected, "data": data})
+        barrier(self.info)
         log.info("round %d: %d generated texts kept, %d rejected %s, %.1f pairs/s", n, stats["kept"], stats["rejected"],
                  {k: v for k, v in stats.items() if k.startswith("rejected_")}, stats["pairs_per_s"] or 0)
         return path, data
@@ -200,17 +232,19 @@ class RoundLoop:
     def train(self, n: int, hn_path: Path, hard_negatives: dict[str, Any], reuse: bool) -> dict[str, Any]:
         cfg, folder = self.cfg, checkpoint_dir(self.exp, n)
         rounds = range(1, n + 1) if cfg.accumulate_augmented else [n]
-        expected = {"round": n, "init": self.model_hash(n - 1), "hard_negatives": manifest.hash_file(hn_path),
-                    "augmented": [manifest.hash_file(self.exp / f"augmented_samples_iter_{r}.json") for r in rounds],
-                    "config": manifest.config_hash(cfg, TRAINING_FIELDS)}
-        if reuse and (folder / ROUND_FILE).is_file():
-            stored = read_json(folder / ROUND_FILE)
-            if stored.get("manifest") == expected:
-                log.info("round %d: checkpoint reused from %s (manifest matches)", n, folder.name)
-                return stored["training"]
+        expected = self.on_main(lambda: {
+            "round": n, "init": self.model_hash(n - 1), "hard_negatives": manifest.hash_file(hn_path),
+            "augmented": [manifest.hash_file(self.exp / f"augmented_samples_iter_{r}.json") for r in rounds],
+            "config": manifest.config_hash(cfg, TRAINING_FIELDS)})
+        stored = self.on_main(lambda: read_json(folder / ROUND_FILE)
+                              if reuse and (folder / ROUND_FILE).is_file() else None)
+        if stored is not None and stored.get("manifest") == expected:
+            log.info("round %d: checkpoint reused from %s (manifest matches)", n, folder.name)
+            return stored["training"]
         state_dir = training_state_dir(self.exp, n)
-        if not reuse:
+        if not reuse and self.info.is_main:
             discard_round_state(state_dir)  # --resume_from_iteration: this round is redone from its start
+        barrier(self.info)
         triplets = self.training_set(n, hard_negatives)
         model = self.model_of(n - 1)  # restart from the previous round's best weights, fresh optimizer and schedule
         self.model_round = None  # the weights in memory change from here on: no longer round n-1's
@@ -220,14 +254,18 @@ class RoundLoop:
             batch_size=cfg.batch_size, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
             warmup_steps=cfg.warmup_steps, temperature=self.temperature(model),
             negatives_per_query=cfg.negatives_per_query, seed=cfg.seed, round_index=n,
-            validate=lambda m: evaluate_split(m, self.corpus, self.val_triplets, self.val_gallery, cfg.eval_batch_size),
+            validate=lambda m: evaluate_split(m, self.corpus, self.val_triplets, self.val_gallery, cfg.eval_batch_size,
+                                              self.info),
             log=lambda metrics, step: self.tracker.log({f"round{n}/{k}": v for k, v in metrics.items()}),
-            state_dir=state_dir, save_every=cfg.checkpoint_every, manifest=expected)
+            state_dir=state_dir, save_every=cfg.checkpoint_every, manifest=expected, info=self.info)
         result["augmented_in_training"] = sum(t.source != "original" for t in triplets)
-        with atomic_dir(folder) as tmp:
-            model.save_pretrained(tmp)
-            atomic_write_json(tmp / ROUND_FILE, {"stage": STAGE, "round": n, "manifest": expected, "training": result})
-        discard_round_state(state_dir)
+        if self.info.is_main:
+            with atomic_dir(folder) as tmp:
+                model.save_pretrained(tmp)
+                atomic_write_json(tmp / ROUND_FILE, {"stage": STAGE, "round": n, "manifest": expected,
+                                                     "training": result})
+            discard_round_state(state_dir)
+        barrier(self.info)  # the next round's manifests hash this folder on rank 0; its model loads from it
         # The weights in memory are now round n's best: later steps of round n+1 use them without reloading.
         self.model_round = n
         log.info("round %d: best validation Avg %.2f", n, result["best_val_Avg"])
@@ -268,20 +306,29 @@ def round_stats(exp: Path, n: int) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = parse_config(TrainIterativeConfig, argv)
-    validate_config(cfg)
+    validate_config(cfg)  # before joining the process group: a bad option stops every rank before any work
     exp = experiment_dir(cfg)
     check_experiment_state(cfg, exp)
-    if exp.is_dir():
+    info = init_distributed()
+    if not info.is_main:
+        log.setLevel(logging.WARNING)  # one copy of the run's messages
+    barrier(info)  # every rank has checked the folder before rank 0 changes it
+    if info.is_main and exp.is_dir():
         clean_stale_temporaries(exp)
     seed_everything(cfg.seed)
-    loop = RoundLoop(cfg, exp)  # reads and checks the data before anything is written
-    save_config(cfg, exp / "config.yaml")
+    loop = RoundLoop(cfg, exp, info)  # reads and checks the data before anything is written
+    if info.is_main:
+        save_config(cfg, exp / "config.yaml")
     summary = loop.run()
-    write_metrics(exp, {"rounds": summary, "config": config_to_dict(cfg)})
     loop.tracker.finish()
-    print(format_table({r: {**s["mining"], "aug_kept": s["generation"]["kept"], "aug_rejected": s["generation"]["rejected"],
-                            "val_Avg": s["best_val_Avg"]} for r, s in summary.items() if "mining" in s},
-                       title="iterative rounds (hard negatives mined with the previous round's model)"))
+    if info.is_main:
+        write_metrics(exp, {"rounds": summary, "config": config_to_dict(cfg)})
+        print(format_table({r: {**s["mining"], "aug_kept": s["generation"]["kept"],
+                                "aug_rejected": s["generation"]["rejected"], "val_Avg": s["best_val_Avg"]}
+                            for r, s in summary.items() if "mining" in s},
+                           title="iterative rounds (hard negatives mined with the previous round's model)"))
+    barrier(info)
+    cleanup(info)
     return summary
 
 

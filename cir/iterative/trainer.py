@@ -5,24 +5,33 @@ epoch with the best validation Avg is the round's checkpoint.
 Inside a round, `checkpoint-last/` (core.checkpoint: weights, optimizer, scheduler, step, RNG, plus the epoch history
 and the best epoch's weights) is written every `save_every` steps and after each epoch's validation, so a run killed
 mid-round continues that round's training from its last saved step. The folder records the round's training
-manifest and is resumed only when it matches."""
+manifest and is resumed only when it matches. It holds the trainable weights only: the frozen image encoder is the
+round's starting model's (named by the manifest), never copied.
+
+Under torchrun (core.distributed) every rank trains on its contiguous share of each global batch: the batch's target
+embeddings are gathered across ranks with gradients, each rank's loss rows are its own queries against all the
+batch's targets, and the loss is scaled so that DDP's average over ranks is the global batch's mean. Only rank 0
+writes; validation is computed in shards by every rank."""
 from __future__ import annotations
 
 import logging
 import math
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from cir.iterative.backbones import EmbeddingBackbone
-from cir.iterative.data import Corpus, Triplet
-from cir.losses import query_target_contrastive
+from cir.iterative.data import SINGLE, Corpus, Triplet
+from cir.iterative.sharding import gather_share_rows, padded_share, share_bounds
 from core.checkpoint import LAST, BestTracker, read_meta, resume, save_checkpoint
 from core.device import autocast
+from core.distributed import DistInfo, all_reduce_mean, barrier, broadcast_object, wrap_model
 from core.logging import progress
 
 logger = logging.getLogger("cir.iterative")
@@ -65,13 +74,71 @@ def batch_targets(batch: Sequence[Triplet], negatives_per_query: int) -> list[st
     return targets
 
 
-def contrastive_step(backbone: EmbeddingBackbone, corpus: Corpus, batch: Sequence[Triplet], temperature: float,
-                     negatives_per_query: int) -> torch.Tensor:
-    """L_q2t (InfoNCE) over the batch's targets plus appended hard negatives; duplicate targets are not negatives."""
+@dataclass(frozen=True)
+class StepShare:
+    """One rank's part of a global batch: its queries' rows in the batch (padding rows weigh 0) and the batch's
+    target columns (`target_ids`: column i is query i's positive, then the appended hard negatives)."""
+    rows: tuple[int, ...]
+    weights: tuple[float, ...]
+    target_ids: tuple[str, ...]
+    batch_size: int
+
+
+def step_share(batch: Sequence[Triplet], negatives_per_query: int,
+               info: DistInfo = SINGLE) -> tuple[list[Triplet], list[str], StepShare]:
+    """(this rank's queries, this rank's targets to encode, the share's rows) of a global batch; both lists are
+    padded to ceil(n / world) so every rank gathers the same shapes (sharding.padded_share)."""
     targets = batch_targets(batch, negatives_per_query)
-    query = backbone.encode_queries(corpus.batch(backbone, [t.reference for t in batch]), [t.caption for t in batch])
-    target = backbone.encode_targets(corpus.batch(backbone, targets))
-    return query_target_contrastive(query, target, temperature, target_ids=targets)
+    queries, real = padded_share(list(batch), info)
+    start, _ = share_bounds(len(batch), info)
+    # A padding row copies query 0, so column 0 is its positive: its loss is finite, and weighs nothing.
+    rows = tuple(range(start, start + real)) + (0,) * (len(queries) - real)
+    weights = (1.0,) * real + (0.0,) * (len(queries) - real)
+    return queries, padded_share(targets, info)[0], StepShare(rows, weights, tuple(targets), len(batch))
+
+
+def share_contrastive(query: torch.Tensor, target: torch.Tensor, temperature: float, share: StepShare,
+                      world_size: int = 1) -> torch.Tensor:
+    """L_q2t of PTHA (cir.losses.query_target_contrastive: InfoNCE of each query against the batch's targets plus the
+    appended hard negatives, a duplicate of the query's own target image not counted as a negative), for this rank's
+    rows of the global batch. The sum over the rank's rows times world / B: DDP averages the ranks' gradients, so
+    their mean is the gradient of the global batch's mean loss, whatever the (uneven) shares."""
+    logits = query @ target.T / temperature
+    lookup: dict[str, int] = {}
+    ids = torch.tensor([lookup.setdefault(i, len(lookup)) for i in share.target_ids], device=logits.device)
+    rows = torch.tensor(share.rows, device=logits.device)
+    same = ids[rows][:, None] == ids[None, :]
+    own = torch.zeros_like(same)
+    own[torch.arange(len(rows), device=logits.device), rows] = True
+    logits = logits.masked_fill(same & ~own, float("-inf"))
+    per_row = F.cross_entropy(logits, rows, reduction="none")
+    weights = torch.tensor(share.weights, dtype=per_row.dtype, device=per_row.device)
+    return (per_row * weights).sum() * (world_size / share.batch_size)
+
+
+class RoundLoss(torch.nn.Module):
+    """One step's loss on this rank's share as one forward pass, so DDP (core.distributed.wrap_model) sees one
+    forward per step: queries encoded locally, targets encoded locally and gathered from every rank with
+    gradients."""
+
+    def __init__(self, backbone: EmbeddingBackbone, temperature: float, info: DistInfo = SINGLE):
+        super().__init__()
+        self.backbone, self.temperature, self.info = backbone, temperature, info
+
+    def forward(self, references: Any, texts: Sequence[str], targets: Any, share: StepShare) -> torch.Tensor:
+        query = self.backbone.encode_queries(references, texts)
+        target = gather_share_rows(self.backbone.encode_targets(targets), len(share.target_ids), self.info)
+        return share_contrastive(query, target, self.temperature, share, self.info.world_size)
+
+
+def step_specs(triplets: Sequence[Triplet], plan: Sequence[Sequence[int]], negatives_per_query: int,
+               info: DistInfo) -> list[tuple[list[list[str]], tuple[list[str], StepShare]]]:
+    """For Corpus.batches: per step, ([reference names, target names], (texts, share)) of this rank's share."""
+    specs = []
+    for idx in plan:
+        queries, targets, share = step_share([triplets[i] for i in idx], negatives_per_query, info)
+        specs.append(([[t.reference for t in queries], targets], ([t.caption for t in queries], share)))
+    return specs
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -81,6 +148,36 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> 
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def trainable_state(backbone: EmbeddingBackbone) -> dict[str, torch.Tensor]:
+    """A copy (on the CPU) of the backbone's state without its frozen parameters: those are the round's starting
+    model's, which the round's manifest names, so no checkpoint of a round copies them."""
+    frozen = {name for name, p in backbone.named_parameters() if not p.requires_grad}
+    return {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items() if k not in frozen}
+
+
+def load_trainable(backbone: EmbeddingBackbone, state: dict[str, torch.Tensor]) -> None:
+    """Load a `trainable_state`; every key must be the backbone's and only frozen parameters may be missing."""
+    frozen = {name for name, p in backbone.named_parameters() if not p.requires_grad}
+    missing, unexpected = backbone.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - frozen:
+        raise RuntimeError(f"saved round weights do not fit the model: missing {sorted(set(missing) - frozen)[:5]}, "
+                           f"unexpected {sorted(unexpected)[:5]}")
+
+
+class _TrainableWeights(torch.nn.Module):
+    """What core.checkpoint saves and restores of a backbone (its `model.pt`): the trainable state only."""
+
+    def __init__(self, backbone: EmbeddingBackbone):
+        super().__init__()
+        object.__setattr__(self, "backbone", backbone)  # not a submodule: nothing else of it is seen
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        return trainable_state(self.backbone)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True, assign: bool = False) -> Any:
+        load_trainable(self.backbone, state)
 
 
 class RoundState:
@@ -104,8 +201,9 @@ class RoundState:
 def save_progress(state_dir: Path, backbone: EmbeddingBackbone, optimizer: torch.optim.Optimizer, scheduler: Any,
                   step: int, state: RoundState, manifest: dict[str, Any]) -> None:
     """One atomic checkpoint-last/ holding everything the round's training needs to go on from `step`."""
-    save_checkpoint(state_dir / LAST, stage=ROUND_STAGE, model=backbone, step=step, optimizer=optimizer,
-                    scheduler=scheduler, extra={"manifest": manifest, **state.extra()}, model_files=state.write_best)
+    save_checkpoint(state_dir / LAST, stage=ROUND_STAGE, model=_TrainableWeights(backbone), step=step,
+                    optimizer=optimizer, scheduler=scheduler, extra={"manifest": manifest, **state.extra()},
+                    model_files=state.write_best)
 
 
 def recover_interrupted_swap(folder: Path) -> None:
@@ -117,20 +215,23 @@ def recover_interrupted_swap(folder: Path) -> None:
 
 
 def try_resume(state_dir: Path | None, manifest: dict[str, Any], backbone: EmbeddingBackbone,
-               optimizer: torch.optim.Optimizer, scheduler: Any, state: RoundState) -> int:
+               optimizer: torch.optim.Optimizer, scheduler: Any, state: RoundState, info: DistInfo = SINGLE) -> int:
     """Restore the round's checkpoint-last/ when it was written for this very round (same manifest); returns the
-    step to continue from (0 = start the round's training afresh)."""
+    step to continue from (0 = start the round's training afresh). Every rank reads the same folder."""
     if state_dir is None:
         return 0
     folder = state_dir / LAST
-    recover_interrupted_swap(folder)
+    if info.is_main:
+        recover_interrupted_swap(folder)
+    barrier(info)
     if not (folder / "meta.json").is_file():
         return 0
     meta = read_meta(folder, stage=ROUND_STAGE)
     if meta.get("manifest") != manifest:
         logger.info("%s was written for other inputs or options (manifest differs): training starts afresh", folder)
         return 0
-    step, meta = resume(folder, stage=ROUND_STAGE, model=backbone, optimizer=optimizer, scheduler=scheduler)
+    step, meta = resume(folder, stage=ROUND_STAGE, model=_TrainableWeights(backbone), optimizer=optimizer,
+                        scheduler=scheduler)
     state.history, state.epoch_losses = list(meta["history"]), list(meta["epoch_losses"])
     state.tracker = BestTracker(meta["best"])
     if (folder / BEST_WEIGHTS).is_file():
@@ -144,15 +245,17 @@ def train_round(backbone: EmbeddingBackbone, corpus: Corpus, triplets: Sequence[
                 validate: Callable[[EmbeddingBackbone], dict[str, float]],
                 log: Callable[[dict[str, float], int], None] = lambda m, s: None,
                 state_dir: str | Path | None = None, save_every: int = 0,
-                manifest: dict[str, Any] | None = None) -> dict[str, Any]:
+                manifest: dict[str, Any] | None = None, info: DistInfo = SINGLE) -> dict[str, Any]:
     """Train in place, then load the best epoch's weights back; returns the training history.
 
     With `state_dir`, checkpoint-last/ is saved there every `save_every` steps (0 = only after each epoch's
-    validation) and a matching one left by a killed run is resumed from its step."""
+    validation) and a matching one left by a killed run is resumed from its step. Under torchrun every rank calls
+    it with the same arguments (`validate` included: it runs on every rank) and rank 0 writes."""
     device = next(backbone.parameters()).device
     params = [p for p in backbone.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    # The epoch plans depend only on (seed, round), so a resumed run replays the same batches in the same order.
+    # The epoch plans depend only on (seed, round), so a resumed run replays the same batches in the same order,
+    # and every rank plans the same global batches.
     rng = np.random.default_rng((seed, round_index, 104729))
     plans = [same_reference_batches(triplets, batch_size, rng) for _ in range(epochs)]
     total = sum(len(p) for p in plans)
@@ -160,12 +263,15 @@ def train_round(backbone: EmbeddingBackbone, corpus: Corpus, triplets: Sequence[
     state_dir = Path(state_dir) if state_dir is not None else None
     manifest = manifest or {}
     state = RoundState()
-    start = try_resume(state_dir, manifest, backbone, optimizer, scheduler, state)
-    if start:
+    start = try_resume(state_dir, manifest, backbone, optimizer, scheduler, state, info)
+    if start and info.is_main:
         logger.info("round %d: training resumed from step %d of %d (%s)", round_index, start, total, state_dir / LAST)
+    # Parameters the loss does not reach (a projection only the CIR stage's L_p2p uses, a VLM's LM head) are
+    # left to DDP's unused-parameter search, so their gradients stay None as in one process.
+    step_loss = wrap_model(RoundLoss(backbone, temperature, info), info, find_unused_parameters=True)
 
     def checkpoint(step: int) -> None:
-        if state_dir is not None:
+        if state_dir is not None and info.is_main:
             save_progress(state_dir, backbone, optimizer, scheduler, step, state, manifest)
 
     step = 0
@@ -178,29 +284,32 @@ def train_round(backbone: EmbeddingBackbone, corpus: Corpus, triplets: Sequence[
             state.epoch_losses = []
         step += skip
         backbone.train()
-        for idx in progress(plan[skip:], desc=f"round {round_index} epoch {epoch + 1}/{epochs}"):
+        specs = step_specs(triplets, plan[skip:], negatives_per_query, info)
+        desc = f"round {round_index} epoch {epoch + 1}/{epochs}" if info.is_main else ""
+        for (references, targets), (texts, share) in corpus.batches(specs, device, desc=desc):
             with autocast(device):
-                loss = contrastive_step(backbone, corpus, [triplets[i] for i in idx], temperature, negatives_per_query)
+                loss = step_loss(references, texts, targets, share)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             scheduler.step()
-            state.epoch_losses.append(float(loss.detach()))
+            state.epoch_losses.append(all_reduce_mean(loss.detach(), info))  # the global batch's mean loss
             step += 1
             log({"train/loss": state.epoch_losses[-1], "train/lr": scheduler.get_last_lr()[0]}, step)
             if save_every and step % save_every == 0 and step < total:
                 checkpoint(step)
-        val = validate(backbone)
+        val = broadcast_object(validate(backbone), info)  # every rank takes rank 0's numbers and best epoch
         losses = state.epoch_losses
         state.history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else None, **val})
         log({f"val/{k}": v for k, v in val.items()}, step)
         if state.tracker.update(val["Avg"]):
-            state.best_state = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
+            state.best_state = trainable_state(backbone)
         state.epoch_losses = []
         checkpoint(step)
+    del step_loss  # the DDP wrapper's hooks go with it: the next round wraps the same weights afresh
     if state.best_state is not None:
-        backbone.load_state_dict(state.best_state)
+        load_trainable(backbone, state.best_state)
     return {"history": state.history, "best_val_Avg": state.tracker.best, "steps": step, "triplets": len(triplets),
             "resumed_from_step": start}
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Iterative CIR rounds 1..NUM_ITERATIONS from the CIR stage's best retriever (round 0), with its MTST generator as
 # the foundation model -> $RUN_DIR/cir-iterative/. Rerunning continues a killed run (--auto_resume: every round
-# whose manifest matches is reused).
+# whose manifest matches is reused). Multi-process: NPROC=2 bash scripts/cir/iterative/01_train.sh (torchrun, DDP: each
+# global batch is split over the processes, mining/generation/validation are sharded; the batch size must divide).
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 source scripts/common.sh
@@ -17,7 +18,7 @@ BEST_MODEL_FILE="$RUN_DIR/cir/best_model.txt"   # written by the CIR stage (scri
 MODEL_PATH="$(cat "$BEST_MODEL_FILE")"
 FOUNDATION_MODEL_PATH="$RUN_DIR/cir/mtst/checkpoint-best"
 
-"$PYTHON" -m cir.iterative.train_iterative --config configs/cir_iterative/shapes.yaml \
+launch cir.iterative.train_iterative --config configs/cir_iterative/shapes.yaml \
   --data_dir "$DATA_DIR/cirr" --model_path "$MODEL_PATH" \
   --foundation_model_backbone mtst --foundation_model_path "$FOUNDATION_MODEL_PATH" \
   --experiment_dir "$RUN_DIR/cir-iterative" --num_iterations "$NUM_ITERATIONS" --hard_negative_k "$HARD_NEGATIVE_K" \

@@ -8,6 +8,7 @@ from PIL import Image
 
 from cir.iterative.backbones import Qwen2VLEmbedder, last_token_pool, load_backbone
 from cir.iterative.foundation import LlavaFoundation, Qwen2VLFoundation, load_foundation_model
+from core.data import LoaderOptions
 from core.vlm import side_by_side
 from core.errors import InputError
 
@@ -54,20 +55,29 @@ def test_last_token_pool_either_padding_side():
 
 
 def test_qwen2vl_embedder_last_token_and_reload(tiny_qwen2vl, tmp_path):
+    from cir.iterative.data import Corpus, ImageFiles
+
+    paths = {}
+    for name, image in (("red", RED), ("blue", BLUE)):
+        paths[name] = tmp_path / f"{name}.png"
+        image.save(paths[name])
     model = load_backbone("qwen2_vl", str(tiny_qwen2vl))
     assert isinstance(model, Qwen2VLEmbedder)
-    images = model.prepare_images([RED, BLUE])
-    q = model.encode_queries(model.take(images, [0, 1]), ["make it blue", "make it a big red star"])
-    t = model.encode_targets(model.take(images, [1, 0]))
+    corpus = Corpus(paths, options=LoaderOptions(num_workers=0))
+    corpus.prepare(model)
+    assert isinstance(corpus.prepared, ImageFiles)  # the vision tower trains: images are read per batch, not cached
+    q = model.encode_queries(corpus.batch(["blue", "red"]), ["make it blue", "make it a big red star"])
+    t = model.encode_targets(corpus.batch(["red", "blue"]))
     assert q.shape == t.shape == (2, 32)
     assert torch.allclose(q.norm(dim=-1), torch.ones(2), atol=1e-5)
     # a batch of one (no padding) gives the same embedding as inside a padded batch: pooling picks the real last token
-    single = model.encode_queries(model.take(images, [0]), ["make it blue"])
+    single = model.encode_queries(corpus.batch(["blue"]), ["make it blue"])
     assert torch.allclose(single[0], q[0], atol=1e-4)
     q.sum().backward()  # trainable end to end
     assert any(p.grad is not None for p in model.vlm.model.visual.parameters())
     model.save_pretrained(tmp_path / "ckpt")
     again = load_backbone("qwen2_vl", str(tmp_path / "ckpt"))
+    images = corpus.batch(["blue", "red"])
     with torch.no_grad():
         assert torch.allclose(again.encode_targets(images), model.encode_targets(images), atol=1e-5)
     with pytest.raises(InputError, match="backbone"):

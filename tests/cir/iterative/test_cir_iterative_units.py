@@ -135,3 +135,125 @@ def test_leftovers_of_a_killed_run_are_cleaned(tmp_path):
     assert sorted(p.name for p in exp.iterdir()) == ["checkpoint_iter_1", "checkpoint_iter_3", "hard_negatives_iter_1.json",
                                                      "training_iter_2"]
     assert not list((exp / "training_iter_2").iterdir())
+
+
+def _embeddings(names, dim=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {n: F.normalize(torch.randn(dim, generator=g), dim=0) for n in names}
+
+
+def test_share_loss_in_one_process_is_the_cited_loss():
+    """One process, one share: the trainer's loss is cir.losses.query_target_contrastive (L_q2t of PTHA), appended
+    hard negatives and a duplicated target included."""
+    from cir.iterative.trainer import share_contrastive, step_share
+
+    batch = [_t(0, "r0", "a", ["h0", "b"]), _t(1, "r0", "b", ["h1"]), _t(2, "r2", "a", [])]
+    queries, targets, share = step_share(batch, negatives_per_query=2)
+    assert [q.pairid for q in queries] == ["0", "1", "2"] and targets == ["a", "b", "a", "h0", "h1"]
+    emb = _embeddings(["a", "b", "h0", "h1", "q0", "q1", "q2"])
+    q = torch.stack([emb["q0"], emb["q1"], emb["q2"]])
+    t = torch.stack([emb[n] for n in targets])
+    assert torch.allclose(share_contrastive(q, t, 0.1, share), query_target_contrastive(q, t, 0.1, target_ids=targets),
+                          atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [1, 3, 6])
+def test_two_ranks_shares_add_up_to_the_global_batch(size, monkeypatch):
+    """Two ranks without processes: each rank's padded share, targets gathered in rank order (the padding rows
+    dropped), and the loss scaled by world / B: the mean of the two ranks' losses and of their gradients is the global
+    batch's, for even, uneven and one-query batches (where rank 0 holds padding only)."""
+    from cir.iterative import sharding
+    from cir.iterative.trainer import share_contrastive, step_share
+    from core.distributed import DistInfo
+
+    batch = [_t(i, f"r{i % 2}", f"tgt{i % 4}", [f"neg{i}"]) for i in range(size)]
+    names = [f"tgt{i}" for i in range(4)] + [f"neg{i}" for i in range(size)] + [f"q{i}" for i in range(size)]
+    base = _embeddings(names)
+    _, targets, share = step_share(batch, negatives_per_query=1)
+    whole = {n: base[n].clone().requires_grad_(True) for n in names}
+    loss = share_contrastive(torch.stack([whole[f"q{i}"] for i in range(size)]),
+                             torch.stack([whole[n] for n in targets]), 0.1, share)
+    loss.backward()
+
+    ranks = [DistInfo(rank=r, world_size=2) for r in range(2)]
+    shares = [step_share(batch, 1, info) for info in ranks]
+    assert len({len(s[0]) for s in shares}) == 1 and len({len(s[1]) for s in shares}) == 1  # equal shapes to gather
+    split = {n: base[n].clone().requires_grad_(True) for n in names}
+    both = torch.cat([torch.stack([split[n] for n in s[1]]) for s in shares])  # what all_gather returns
+    monkeypatch.setattr(sharding, "gather_with_grad", lambda rows, info: both)
+    total = 0
+    for info, (queries, mine, part) in zip(ranks, shares):
+        gathered = sharding.gather_share_rows(torch.stack([split[n] for n in mine]), len(part.target_ids), info)
+        assert torch.equal(gathered.detach(), torch.stack([base[n] for n in targets]))  # global order, no padding
+        q = torch.stack([split[f"q{t.pairid}"] for t in queries])
+        total = total + share_contrastive(q, gathered, 0.1, part, world_size=2) / 2  # DDP's average over ranks
+    total.backward()
+    assert torch.allclose(total, loss, atol=1e-6)
+    grad = lambda x: x.grad if x.grad is not None else torch.zeros_like(x)  # noqa: E731 (an unused target: none)
+    for n in names:
+        assert torch.allclose(grad(split[n]), grad(whole[n]), atol=1e-6), n
+
+
+def _write_pngs(folder, n):
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for i in range(n):
+        paths[f"img{i}"] = folder / f"img{i}.png"
+        Image.new("RGB", (8, 8), (30 * i, 255 - 20 * i, 7 * i)).save(paths[f"img{i}"])
+    return paths
+
+
+def test_token_cache_is_written_reused_and_rebuilt(tmp_path):
+    """The frozen encoder's tokens go to a float16 cache on disk, read back by memory map; it is reused while
+    encoder, preprocessing and image list are the same, and rebuilt when one changes."""
+    from cir.iterative.data import Corpus, TokenCache, token_cache
+    from core.data import LoaderOptions
+
+    calls = []
+
+    def encode(pixels):  # [B, 3, 8, 8] -> tokens [B, 4, 3]: the mean colour of each quarter
+        calls.append(len(pixels))
+        return F.avg_pool2d(pixels, 4).flatten(2).transpose(1, 2)
+
+    def preprocess(image):
+        return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
+
+    paths = _write_pngs(tmp_path / "images", 5)
+    options = LoaderOptions(num_workers=0)
+    corpus = Corpus(paths, cache_dir=tmp_path / "cache", options=options)
+    cache = token_cache(corpus, encode, preprocess, {"encoder": "e1"}, batch_size=2, device=torch.device("cpu"))
+    assert isinstance(cache, TokenCache) and sum(calls) > 0
+    stored = np.load(tmp_path / "cache" / "corpus-tokens.npy", mmap_mode="r")
+    assert stored.dtype == np.float16 and stored.shape == (5, 12)
+    want = torch.stack([encode(preprocess(corpus.image(n))[None])[0] for n in corpus.names])
+    assert torch.allclose(cache.batch([0, 1, 2, 3, 4]), want, atol=1e-3)
+    assert torch.equal(cache.batch([3, 1]), cache.batch([0, 1, 2, 3, 4])[[3, 1]])
+    calls.clear()
+    token_cache(corpus, encode, preprocess, {"encoder": "e1"}, 2, torch.device("cpu"))
+    assert calls == []                                                   # same maker and images: reused
+    token_cache(corpus, encode, preprocess, {"encoder": "e2"}, 2, torch.device("cpu"))
+    assert sum(calls) >= 5                                               # another encoder: rebuilt
+    calls.clear()
+    more = Corpus({**paths, **_write_pngs(tmp_path / "more", 6)}, cache_dir=tmp_path / "cache", options=options)
+    more.paths["img5"] = tmp_path / "more" / "img5.png"
+    assert len(token_cache(more, encode, preprocess, {"encoder": "e2"}, 2, torch.device("cpu"))) == 6
+    assert sum(calls) >= 6                                               # another image list: rebuilt
+
+
+def test_a_corrupt_image_is_an_input_error_naming_it(tmp_path):
+    from cir.iterative.data import Corpus, token_cache
+    from core.data import LoaderOptions
+
+    paths = _write_pngs(tmp_path / "images", 3)
+    paths["img2"].write_bytes(paths["img2"].read_bytes()[:40])  # truncated
+    corpus = Corpus(paths, listed_in={n: tmp_path / "split.rc2.train.json" for n in paths},
+                    cache_dir=tmp_path / "cache", options=LoaderOptions(num_workers=0))
+    with pytest.raises(InputError, match="img2.png") as err:
+        token_cache(corpus, lambda p: p.flatten(2).transpose(1, 2), lambda im: torch.zeros(3, 2, 2), {}, 2,
+                    torch.device("cpu"))
+    assert "split.rc2.train.json" in str(err.value)
+    assert not list((tmp_path / "cache").glob("*.npy"))  # nothing half-written under a final name
+    with pytest.raises(InputError, match="img2.png"):
+        corpus.files().batch([0, 2])

@@ -44,6 +44,9 @@ class ResidualQuantizer(nn.Module):
         self.register_buffer("initialised", torch.tensor(False))
         # usage counts since the last dead-code check, per level
         self.register_buffer("usage", torch.zeros(levels, codebook_size))
+        # forward() counts the codes it picks while training; a trainer that splits batches over processes turns
+        # this off and calls count_usage with the whole batch's codes, so every rank keeps the same counts
+        self.track_usage = True
 
     def book(self, level: int) -> torch.Tensor:
         return self.codebooks[0 if self.shared else level]
@@ -78,13 +81,19 @@ class ResidualQuantizer(nn.Module):
             code = torch.cdist(residual.detach(), book.detach()).argmin(dim=1)
             e = book[code]
             loss = loss + F.mse_loss(e, residual.detach()) + self.beta * F.mse_loss(residual, e.detach())
-            if self.training:
+            if self.training and self.track_usage:
                 self.usage[level] += torch.bincount(code, minlength=self.codebook_size).to(self.usage.dtype)
             quantized = quantized + e
             residual = residual - e.detach()
             codes.append(code)
         z_q = z + (quantized - z).detach()  # straight-through estimator
         return z_q, torch.stack(codes, dim=1), loss / self.levels
+
+    @torch.no_grad()
+    def count_usage(self, codes: torch.Tensor) -> None:
+        """Add codes [n, L] to the usage counts (what forward() does itself when `track_usage`)."""
+        for level in range(self.levels):
+            self.usage[level] += torch.bincount(codes[:, level], minlength=self.codebook_size).to(self.usage.dtype)
 
     @torch.no_grad()
     def encode(self, z: torch.Tensor) -> torch.Tensor:
@@ -144,8 +153,11 @@ class RQVAE(nn.Module):
                                      nn.Linear(spec.hidden_dim, spec.in_dim))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return (reconstruction, codes [n, L], quantization loss)."""
-        z_q, codes, q_loss = self.quantizer(self.encoder(x))
+        """Return (reconstruction, codes [n, L], quantization loss). Under bf16 autocast the MLPs run in bf16 but
+        the quantizer in float32: the deeper levels quantize residuals far smaller than bf16's rounding of z."""
+        z = self.encoder(x)
+        with torch.autocast(z.device.type, enabled=False):
+            z_q, codes, q_loss = self.quantizer(z.float())
         return self.decoder(z_q), codes, q_loss
 
     @torch.no_grad()
@@ -158,18 +170,21 @@ class RQVAE(nn.Module):
 
 
 def rqvae_loss(x: torch.Tensor, recon: torch.Tensor, q_loss: torch.Tensor, caption: torch.Tensor | None,
-               align_weight: float, temperature: float = 0.07) -> tuple[torch.Tensor, dict[str, float]]:
+               align_weight: float, temperature: float = 0.07,
+               first_caption: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
     """L = ||x − x̂||² + L_vq (codebook + β·commitment) + γ·L_align.
 
     L_align is the caption-alignment term of ComGTIR's tokenizer: the reconstruction, normalised, must pick its
     own caption embedding among the batch's (InfoNCE), so codes carry what captions say about the image.
+    `caption` may hold more rows than `x` (the whole batch when `x` is one process's share of it): row i of `x`
+    owns caption row `first_caption + i`, and every row is a negative.
     """
     recon_loss = F.mse_loss(recon, x)
     loss = recon_loss + q_loss
     parts = {"recon": recon_loss.item(), "vq": q_loss.item()}
     if caption is not None and align_weight > 0:
         logits = F.normalize(recon, dim=-1) @ F.normalize(caption, dim=-1).T / temperature
-        align = F.cross_entropy(logits, torch.arange(len(x), device=x.device))
+        align = F.cross_entropy(logits, first_caption + torch.arange(len(x), device=x.device))
         loss = loss + align_weight * align
         parts["align"] = align.item()
     return loss, parts

@@ -3,6 +3,8 @@
 Reads `emb_dir/{image,text}_{train,val}` (written by `retriever.dense.encode`); writes `output_dir/checkpoint-last/`
 (resumable), `output_dir/checkpoint-best/` (lowest validation reconstruction error), each with `rqvae.json`,
 and `output_dir/metrics.json`. A finished run is not redone unless `--overwrite true`.
+Runs under `torchrun` unchanged: each rank trains on its share of every global batch (DDP), rank 0 validates
+and writes.
 """
 from __future__ import annotations
 
@@ -11,18 +13,20 @@ import json
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from core.checkpoint import BEST, LAST, BestTracker, read_meta, resume, save_checkpoint
 from core.config import parse_config
-from core.device import get_device, seed_everything
+from core.device import autocast, seed_everything
+from core.distributed import (DistInfo, all_reduce_mean, barrier, check_batch_divisible, cleanup, init_distributed,
+                              rank_share, world_size_from_env, wrap_model)
 from core.errors import InputError
 from core.io import atomic_write_json, load_embeddings
 from core.logging import Tracker, progress, write_metrics
-from rqvae.model import RQVAE, RQVAESpec, rqvae_loss
+from rqvae.model import RQVAE, ResidualQuantizer, RQVAESpec, rqvae_loss
 
 STAGE = "rqvae"
 
@@ -41,7 +45,7 @@ class RQVAETrainConfig:
     beta: float = 0.25  # commitment weight
     align_weight: float = 0.5  # caption-alignment term (0 = off)
     epochs: int = 150
-    batch_size: int = 512
+    batch_size: int = 512  # global batch, split over ranks
     lr: float = 1e-3
     restart_every: int = 50  # steps between dead-code restarts (0 = never)
     restart_threshold: float = 1.0  # a code used fewer times than this since the last check is dead
@@ -93,6 +97,7 @@ def reconstruction_error(model: RQVAE, x: torch.Tensor) -> dict[str, float]:
 
 def main(argv: Sequence[str] | None = None) -> Path:
     cfg = parse_config(RQVAETrainConfig, argv)
+    check_batch_divisible(cfg.batch_size, world_size_from_env())
     if cfg.levels < 1 or cfg.codebook_size < 2:
         raise InputError("config", "levels/codebook_size", "need levels >= 1 and codebook_size >= 2")
     emb_dir, out = Path(cfg.emb_dir), Path(cfg.output_dir)
@@ -104,11 +109,20 @@ def main(argv: Sequence[str] | None = None) -> Path:
         print(f"RQ-VAE already trained in {out} (--overwrite true to retrain)")
         return out / BEST
 
-    seed_everything(cfg.seed)
-    device = get_device()
+    dist = init_distributed()
+    # one batch of the whole split when the split is smaller, cut to a multiple of the ranks (no-op for one process)
+    batch_size = min(cfg.batch_size, len(x_train)) // dist.world_size * dist.world_size
+    if batch_size < 1:
+        raise InputError(emb_dir / f"image_{cfg.train_split}.npy", "rows",
+                         f"{len(x_train)} training embeddings cannot be split over {dist.world_size} processes")
+    seed_everything(cfg.seed)  # the same seed on every rank: the same initial model (DDP also broadcasts it)
+    device = dist.device
     spec = RQVAESpec(x_train.shape[1], cfg.hidden_dim, cfg.latent_dim, cfg.levels, cfg.codebook_size,
                      cfg.shared_codebook, cfg.beta)
     model = RQVAE(spec).to(device)
+    # usage is counted below from the whole batch's codes, so the dead-code restarts see the same counts on every rank
+    model.quantizer.track_usage = False
+    ddp_model = wrap_model(model, dist)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     steps_per_epoch = max(1, len(x_train) // cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
@@ -116,50 +130,92 @@ def main(argv: Sequence[str] | None = None) -> Path:
     if cfg.resume and (out / LAST).is_dir() and not cfg.overwrite:
         step, meta = resume(out / LAST, stage=STAGE, model=model, optimizer=optimizer)
         best = BestTracker(meta.get("best"))
+    # k-means and restarts draw from this generator on rank 0 only; their codebooks are broadcast to the others
     gen = torch.Generator().manual_seed(cfg.seed)
-    tracker = Tracker(out, cfg, project=cfg.wandb_project, name=f"rqvae-{out.parent.parent.name}")
+    tracker = Tracker(out, cfg, project=cfg.wandb_project, name=f"rqvae-{out.parent.parent.name}", enabled=dist.is_main)
     write_spec = lambda folder: atomic_write_json(Path(folder) / "rqvae.json", dataclasses.asdict(spec))  # noqa: E731
 
-    bar = progress(total=total, initial=step, desc="training rqvae")
+    bar = progress(total=total, initial=step, desc="training rqvae", enabled=dist.is_main)
     while step < total:
         epoch = step // steps_per_epoch
+        # the global batch and its captions are drawn alike on every rank; each rank trains on its share
         rng = np.random.default_rng((cfg.seed, epoch))
         order = rng.permutation(len(x_train))
-        batch = order[(step % steps_per_epoch) * cfg.batch_size:][:cfg.batch_size]
+        batch = order[(step % steps_per_epoch) * cfg.batch_size:][:batch_size]
         caption_rows = np.array([rng.choice(captions_of[i]) for i in batch])
-        x, t = x_train[batch].to(device), t_train[caption_rows].to(device)
+        mine = rank_share(batch, dist)
+        x = x_train[mine].to(device)
+        # every caption of the global batch is a column of the alignment term, so each rank holds them all
+        t = t_train[caption_rows].to(device)
         model.train()
         if not bool(model.quantizer.initialised):
             # k-means on the first batch (the whole train set when it fits: a better start, same cost here)
-            model.quantizer.init_kmeans(model.encoder(x_train[:4096].to(device)).detach(), generator=gen)
-        recon, _, q_loss = model(x)
-        loss, parts = rqvae_loss(x, recon, q_loss, t, cfg.align_weight)
+            _on_main_then_broadcast(model.quantizer, dist, lambda: model.quantizer.init_kmeans(
+                _encode(model, x_train[:4096], device), generator=gen))
+        with autocast(device):
+            recon, codes, q_loss = ddp_model(x)
+            loss, parts = rqvae_loss(x, recon.float(), q_loss, t, cfg.align_weight,
+                                     first_caption=dist.rank * len(mine))
+        model.quantizer.count_usage(_gather(codes, dist))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         step += 1
         if cfg.restart_every and step % cfg.restart_every == 0 and step < total * 0.8:
             # restarts stop before the end so the last codes settle
-            model.quantizer.restart_dead_codes(model.encoder(x_train.to(device)).detach(), cfg.restart_threshold, gen)
+            _on_main_then_broadcast(model.quantizer, dist, lambda: model.quantizer.restart_dead_codes(
+                _encode(model, x_train, device), cfg.restart_threshold, gen))
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % steps_per_epoch == 0 and (epoch % 10 == 9 or step == total):
-            val = reconstruction_error(model, x_val.to(device))
-            tracker.log({"train/loss": loss.item(), **{f"train/{k}": v for k, v in parts.items()},
-                         "val/mse": val["mse"], "val/cosine": val["cosine"]}, step=step)
-            if best.update(-val["mse"]):
-                save_checkpoint(out / BEST, stage=STAGE, model=model, step=step, config=cfg,
-                                extra={"val_mse": val["mse"], "val_cosine": val["cosine"]}, model_files=write_spec)
-            save_checkpoint(out / LAST, stage=STAGE, model=model, step=step, optimizer=optimizer, config=cfg,
-                            extra={"best": best.best}, model_files=write_spec)
+            logged = {"train/loss": all_reduce_mean(loss.item(), dist),
+                      **{f"train/{k}": all_reduce_mean(v, dist) for k, v in parts.items()}}
+            if dist.is_main:
+                val = reconstruction_error(model, x_val.to(device))
+                tracker.log({**logged, "val/mse": val["mse"], "val/cosine": val["cosine"]}, step=step)
+                if best.update(-val["mse"]):
+                    save_checkpoint(out / BEST, stage=STAGE, model=model, step=step, config=cfg,
+                                    extra={"val_mse": val["mse"], "val_cosine": val["cosine"]}, model_files=write_spec)
+                save_checkpoint(out / LAST, stage=STAGE, model=model, step=step, optimizer=optimizer, config=cfg,
+                                extra={"best": best.best}, model_files=write_spec)
+            barrier(dist)
     bar.close()
-    # mark the best checkpoint finished, so a rerun of the main job skips this step
-    meta = read_meta(out / BEST, STAGE)
-    atomic_write_json(out / BEST / "meta.json", {**meta, "done": True})
-    write_metrics(out, {"val_mse": meta.get("val_mse"), "val_cosine": meta.get("val_cosine"), "steps": total})
+    if dist.is_main:
+        # mark the best checkpoint finished, so a rerun of the main job skips this step
+        meta = read_meta(out / BEST, STAGE)
+        atomic_write_json(out / BEST / "meta.json", {**meta, "done": True})
+        write_metrics(out, {"val_mse": meta.get("val_mse"), "val_cosine": meta.get("val_cosine"), "steps": total})
+        print(f"RQ-VAE: best val mse {meta.get('val_mse'):.5f}, cosine {meta.get('val_cosine'):.4f} → {out / BEST}")
     tracker.finish()
-    print(f"RQ-VAE: best val mse {meta.get('val_mse'):.5f}, cosine {meta.get('val_cosine'):.4f} → {out / BEST}")
+    barrier(dist)
+    cleanup(dist)
     return out / BEST
+
+
+@torch.no_grad()
+def _encode(model: RQVAE, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return model.encoder(x.to(device))
+
+
+def _on_main_then_broadcast(quantizer: ResidualQuantizer, dist: DistInfo, update: Callable[[], object]) -> None:
+    """Rank 0 changes the codebooks (k-means, dead-code restarts: data-dependent, random draws); every other rank
+    takes rank 0's books, so the models never diverge. The usage counts, the same everywhere, are reset alike."""
+    if dist.is_main:
+        update()
+    if dist.enabled:
+        torch.distributed.broadcast(quantizer.codebooks.data, src=0)
+        if not dist.is_main:
+            quantizer.initialised.fill_(True)
+            quantizer.usage.zero_()
+
+
+def _gather(codes: torch.Tensor, dist: DistInfo) -> torch.Tensor:
+    """The whole batch's codes [B, L] in rank order (every share has the same size)."""
+    if not dist.enabled:
+        return codes
+    parts = [torch.empty_like(codes) for _ in range(dist.world_size)]
+    torch.distributed.all_gather(parts, codes.contiguous())
+    return torch.cat(parts)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Shapes (`source: scene`): terse descriptions written from each image's scene (`scenes.json`), in a style unlike
 the human-style captions (canonical words, a fixed "shape, shape" list, attributes dropped at random) — the output
 of an ideal but terse captioner. Real data (`source: captioner`): a captioning model named in the config
-(BLIP through transformers, e.g. `Salesforce/blip-image-captioning-base`), sampled `n_per_image` times per image.
+(BLIP through transformers, e.g. `Salesforce/blip-image-captioning-base`), sampled `n_per_image` times per image,
+reading the images through a DataLoader a batch at a time.
 Writes JSONL, one `{"imgid", "split", "query"}` a line. Never reads a caption of any split.
 """
 from __future__ import annotations
@@ -16,8 +17,8 @@ import numpy as np
 import torch
 
 from core.config import parse_config
-from core.data import load_karpathy
-from core.device import derive_seed, get_device
+from core.data import ImageDataset, LoaderOptions, load_karpathy, make_loader, verify_images
+from core.device import autocast, derive_seed, get_device, pretrained_dtype_kwargs
 from core.errors import InputError
 from core.io import atomic_write_jsonl
 from core.logging import progress
@@ -27,7 +28,7 @@ from core.shapes.world import Scene
 
 
 @dataclass
-class PseudoQueryConfig:
+class PseudoQueryConfig(LoaderOptions):
     source: str = "scene"  # scene (the Shapes world) or captioner (real data)
     data_json: str = "runs/shapes/data/dataset_shapes.json"
     image_root: str = "runs/shapes/data/images"
@@ -71,22 +72,35 @@ def scene_queries(cfg: PseudoQueryConfig, wanted: dict) -> list[dict]:
     return rows
 
 
+def _decoded(image):
+    """The loader's workers decode; BLIP's processor prepares the batch in the main process."""
+    return image
+
+
 @torch.no_grad()
 def captioner_queries(cfg: PseudoQueryConfig, records: list) -> list[dict]:
-    """Sampled captions from a BLIP captioning model (loaded by name or path; fails clearly if it cannot load)."""
-    from PIL import Image
+    """Sampled captions from a BLIP captioning model (loaded by name or path, in bf16 on CUDA; fails clearly if it
+    cannot load). The images are decoded by DataLoader workers, a batch at a time."""
     from transformers import BlipForConditionalGeneration, BlipProcessor
 
     device = get_device()
     processor = BlipProcessor.from_pretrained(cfg.captioner)
-    model = BlipForConditionalGeneration.from_pretrained(cfg.captioner).to(device).eval()
-    torch.manual_seed(cfg.seed)
-    rows = []
-    for i in progress(range(0, len(records), cfg.batch_size), desc="captioning"):
-        batch = records[i:i + cfg.batch_size]
-        images = [Image.open(r.path).convert("RGB") for r in batch]
+    model = BlipForConditionalGeneration.from_pretrained(cfg.captioner, **pretrained_dtype_kwargs(device))
+    model = model.to(device).eval()
+    dtype = next(model.parameters()).dtype
+    loader = make_loader(ImageDataset([r.path for r in records], _decoded, cfg.data_json), cfg,
+                         batch_size=cfg.batch_size, device=device, collate_fn=list)
+    batches = iter(loader)  # a loader draws its workers' base seed from torch's generator: before the seed is set
+    torch.manual_seed(cfg.seed)  # the sampled captions depend on the seed alone
+    rows, start = [], 0
+    for images in progress(batches, total=len(loader), desc="captioning", unit="batch"):
+        batch = records[start:start + len(images)]
+        start += len(images)
         inputs = processor(images=images, return_tensors="pt").to(device)
-        out = model.generate(**inputs, do_sample=True, top_p=0.9, num_return_sequences=cfg.n_per_image, max_new_tokens=30)
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)  # the processor makes float32 pixels
+        with autocast(device):
+            out = model.generate(**inputs, do_sample=True, top_p=0.9, num_return_sequences=cfg.n_per_image,
+                                 max_new_tokens=30)
         texts = processor.batch_decode(out, skip_special_tokens=True)
         for j, text in enumerate(texts):
             rec = batch[j // cfg.n_per_image]
@@ -103,6 +117,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     if cfg.source == "scene":
         rows = scene_queries(cfg, {r.imgid: r.split for r in records})
     else:
+        if cfg.verify_images:
+            verify_images([r.path for r in records], cfg.data_json, cfg)
         rows = captioner_queries(cfg, records)
     atomic_write_jsonl(cfg.output, rows)
     print(f"{len(rows)} pseudo queries for {len(records)} images → {cfg.output}")

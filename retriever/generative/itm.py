@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.checkpoint import load_model_weights, read_meta
+from core.device import autocast, pretrained_dtype_kwargs
 from core.encoders import DualEncoder
 from core.errors import InputError
 
@@ -36,7 +37,8 @@ class DenseTokenFeatures:
     def text(self, texts: Sequence[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(token features [B, Lt, W], mask [B, Lt], pooled normalised embedding [B, E])."""
         tokens = self.encoder.tokenize(texts).to(device)
-        out = self.encoder.clip.forward_intermediates(text=tokens, text_indices=1, normalize_intermediates=True)
+        with autocast(torch.device(device)):
+            out = self.encoder.clip.forward_intermediates(text=tokens, text_indices=1, normalize_intermediates=True)
         feats = out["text_intermediates"][-1]
         mask = tokens != 0  # open_clip pads with 0
         length = int(mask.sum(1).max())  # drop the all-padding tail: most of the context is empty
@@ -45,8 +47,9 @@ class DenseTokenFeatures:
     @torch.no_grad()
     def image(self, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Patch features [B, P, W] with the pooled normalised embedding appended as the last row's first E dims."""
-        out = self.encoder.clip.forward_intermediates(image=pixels.to(device), image_indices=1, normalize_intermediates=True,
-                                                      image_output_fmt="NCHW")
+        with autocast(torch.device(device)):
+            out = self.encoder.clip.forward_intermediates(image=pixels.to(device), image_indices=1,
+                                                          normalize_intermediates=True, image_output_fmt="NCHW")
         grid = out["image_intermediates"][-1].float()
         if self.pool > 1:
             grid = F.avg_pool2d(grid, self.pool)
@@ -68,6 +71,7 @@ class ITMSpec:
     heads: int = 4
     max_image_tokens: int = 64
     dense_scale: float = 10.0  # initial temperature of the dense similarity term
+    dropout: float = 0.1  # in the fusion transformer
 
 
 class ShapesITM(nn.Module):
@@ -81,7 +85,8 @@ class ShapesITM(nn.Module):
         self.cls = nn.Parameter(torch.zeros(1, 1, w))
         self.type_embed = nn.Parameter(torch.randn(2, w) * 0.02)
         self.image_pos = nn.Parameter(torch.randn(spec.max_image_tokens, w) * 0.02)
-        layer = nn.TransformerEncoderLayer(w, spec.heads, 2 * w, dropout=0.1, batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(w, spec.heads, 2 * w, dropout=spec.dropout, batch_first=True,
+                                           norm_first=True)
         self.fusion = nn.TransformerEncoder(layer, spec.layers, enable_nested_tensor=False)
         self.head = nn.Sequential(nn.LayerNorm(w), nn.Linear(w, 1))
         nn.init.zeros_(self.head[1].weight)  # start as the dense score; the fusion learns a correction
@@ -132,18 +137,23 @@ def load_itm(folder: str | Path) -> ShapesITM:
 
 class BlipITM:
     """BLIP's image–text matching head (`BlipForImageTextRetrieval`, use_itm_head=True) through transformers:
-    p(match) for aligned (text, image) rows. `model`/`processor` may be passed in (tests use a tiny random BLIP)."""
+    p(match) for aligned (text, image) rows, in bf16 on CUDA (core.device). `model`/`processor` may be passed in
+    (tests use a tiny random BLIP)."""
 
     def __init__(self, name_or_path: str = "", model=None, processor=None, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
         if model is None:
             from transformers import BlipForImageTextRetrieval, BlipProcessor
 
-            model = BlipForImageTextRetrieval.from_pretrained(name_or_path)
+            model = BlipForImageTextRetrieval.from_pretrained(name_or_path, **pretrained_dtype_kwargs(self.device))
             processor = BlipProcessor.from_pretrained(name_or_path)
-        self.model, self.processor, self.device = model.to(device).eval(), processor, device
+        self.model, self.processor = model.to(self.device).eval(), processor
 
     @torch.no_grad()
     def score(self, texts: Sequence[str], images: Sequence) -> torch.Tensor:
         inputs = self.processor(images=list(images), text=list(texts), return_tensors="pt", padding=True).to(self.device)
-        out = self.model(**inputs, use_itm_head=True)
+        # the processor makes float32 pixels; the vision tower's first convolution wants the weights' dtype
+        inputs["pixel_values"] = inputs["pixel_values"].to(next(self.model.parameters()).dtype)
+        with autocast(self.device):
+            out = self.model(**inputs, use_itm_head=True)
         return out.itm_score.float().softmax(-1)[:, 1].cpu()

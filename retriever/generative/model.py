@@ -55,9 +55,13 @@ class RetrieverSpec:
 
 
 def build_t5(model: dict[str, Any], vocab_size: int, pad_id: int, eos_id: int) -> T5ForConditionalGeneration:
-    """A pretrained T5 (`{"pretrained": "t5-base"}`) with its embeddings grown to the vocabulary, or a T5 from a config dict."""
+    """A pretrained T5 (`{"pretrained": "t5-base"}`) with its embeddings grown to the vocabulary, or a T5 from a config dict.
+
+    The T5 is trained here, not a frozen tower: it loads in float32 whatever the checkpoint's own dtype (the
+    optimizer's master weights; bf16 weights would lose updates below their 8-bit mantissa), and the forward
+    passes run in bf16 under core.device.autocast."""
     if "pretrained" in model:
-        t5 = T5ForConditionalGeneration.from_pretrained(model["pretrained"])
+        t5 = T5ForConditionalGeneration.from_pretrained(model["pretrained"], dtype=torch.float32)
         t5.resize_token_embeddings(vocab_size)
         return t5
     config = T5Config(vocab_size=vocab_size, pad_token_id=pad_id, eos_token_id=eos_id, decoder_start_token_id=pad_id,
@@ -95,25 +99,33 @@ class GenerativeRetriever(nn.Module):
 
 
 def set_loss(set_logits: torch.Tensor, target_sets: torch.Tensor, imgids: torch.Tensor, kind: str = "margin",
-             margin: float = 0.5) -> torch.Tensor:
+             margin: float = 0.5, first: int = 0, shares: int = 1) -> torch.Tensor:
     """The order-invariant identifier's loss; `target_sets` is a multi-hot [B, E] of each query's image codes.
 
     "margin" (default; the ComGTIR paper's set-identifier objective): the set score s(q, I) = mean of the code
     scores of I's codes must beat every other in-batch image's by `margin`: mean max(0, m − s(q, I⁺) + s(q, I⁻)).
     "infonce" (the reference code's variant): a multi-positive softmax over all codes,
     −mean_{c ∈ set(I⁺)} log softmax(scores)_c.
+
+    Under torchrun `set_logits` holds one rank's queries, rows [first, first + b) of the global batch whose
+    `target_sets` and `imgids` (data, needing no gradient) are given whole: every image of the global batch is a
+    negative. The margin loss is a mean over the global batch's negative pairs, so each rank sums its rows' hinges
+    and divides by its 1/`shares` of that count; the mean over ranks that DDP takes is then the global loss.
     """
+    rows = slice(first, first + len(set_logits))
     if kind == "infonce":
         logp = F.log_softmax(set_logits, -1)
-        return -((logp * target_sets).sum(-1) / target_sets.sum(-1).clamp(min=1)).mean()
+        targets = target_sets[rows]
+        return -((logp * targets).sum(-1) / targets.sum(-1).clamp(min=1)).mean()
     if kind != "margin":
         raise InputError("config", "set_loss", f"must be one of {SET_LOSSES}, got {kind!r}")
     weights = target_sets / target_sets.sum(-1, keepdim=True).clamp(min=1)
-    scores = set_logits @ weights.T  # [B queries, B images]
-    pos = scores.diagonal().unsqueeze(1)
-    negative = imgids.unsqueeze(0) != imgids.unsqueeze(1)  # the same image twice in a batch is no negative
+    scores = set_logits @ weights.T  # [b queries, B images]
+    pos = scores.gather(1, torch.arange(rows.start, rows.stop, device=scores.device).unsqueeze(1))
+    negative = imgids[rows].unsqueeze(1) != imgids.unsqueeze(0)  # the same image twice in a batch is no negative
     hinge = F.relu(margin - pos + scores) * negative
-    return hinge.sum() / negative.sum().clamp(min=1)
+    pairs = (imgids.unsqueeze(0) != imgids.unsqueeze(1)).sum().clamp(min=1)
+    return hinge.sum() / (pairs / shares)
 
 
 def save_retriever_files(model: GenerativeRetriever, tokenizer: Any):

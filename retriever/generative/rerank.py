@@ -4,7 +4,7 @@ Reads `candidates.jsonl` (retriever.generative.evaluate) and re-scores each quer
 - `dense`: cosine of the query's dense text embedding (encoded with the dense checkpoint) with the gallery's
   stored dense image embeddings (`emb_dir/image_{split}`: image-only, never a test caption);
 - `itm`: a cross-encoder on (query, image) pairs — the Shapes ITM head (`itm_checkpoint`) or BLIP ITM
-  (`blip_model`, real data), reading the gallery images themselves.
+  (`blip_model`, real data), reading the gallery images themselves through a DataLoader, a batch at a time.
 Candidates past `depth` keep their generated order. Writes `output_dir/metrics.json` and the re-ranked
 candidates, and adds a row to results.json if asked.
 """
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from core.config import parse_config
-from core.data import load_images, load_karpathy
+from core.data import ImageDataset, LoaderOptions, image_batches, load_karpathy, make_loader, verify_images
 from core.device import get_device
 from core.encoders import load_dual_encoder
 from core.errors import InputError
@@ -31,7 +31,7 @@ METHODS = ("dense", "itm")
 
 
 @dataclass
-class RerankConfig:
+class RerankConfig(LoaderOptions):
     method: str = "dense"  # dense (CLIP-style) or itm (cross-encoder)
     candidates: str = "runs/shapes/comgtir/eval/dual-id/candidates.jsonl"
     emb_dir: str = "runs/shapes/dense/emb"
@@ -77,45 +77,75 @@ def encode_queries(checkpoint: str, texts: list[str], batch_size: int) -> np.nda
 
 
 def itm_scores(cfg: RerankConfig, texts: list[str], ranked: list[list]) -> list[np.ndarray]:
-    """Cross-encoder scores of every (query, candidate) pair within depth."""
+    """Cross-encoder scores of every (query, candidate) pair within depth; the images are decoded by DataLoader
+    workers a batch at a time and never held for the gallery."""
     device = get_device()
     records = {r.imgid: r for r in load_karpathy(cfg.data_json, cfg.image_root, cfg.split)}
     pairs = [(q, i) for q, items in enumerate(ranked) for i in items[:cfg.depth]]
     missing = [i for _, i in pairs if i not in records]
     if missing:
         raise InputError(cfg.data_json, "images[].imgid", f"candidate image {missing[0]} is not in split {cfg.split}")
-    if cfg.blip_model:
-        from PIL import Image
-
-        from retriever.generative.itm import BlipITM
-
-        scorer = BlipITM(cfg.blip_model, device=device)
-        flat = []
-        for s in progress(range(0, len(pairs), cfg.batch_size), desc="BLIP ITM"):
-            chunk = pairs[s:s + cfg.batch_size]
-            images = [Image.open(records[i].path).convert("RGB") for _, i in chunk]
-            flat.append(scorer.score([texts[q] for q, _ in chunk], images))
-        flat_scores = torch.cat(flat).numpy()
-    else:
-        from retriever.generative.itm import DenseTokenFeatures, load_itm
-        from retriever.generative.train_itm import score_pairs
-
-        model = load_itm(cfg.itm_checkpoint).to(device)
-        encoder = load_dual_encoder(cfg.dense_checkpoint).to(device)
-        feats = DenseTokenFeatures(encoder, pool=_pool_of(cfg.itm_checkpoint))
-        gallery = sorted({i for _, i in pairs}, key=str)
-        col = {i: n for n, i in enumerate(gallery)}
-        pixels = load_images([records[i].path for i in gallery], encoder.preprocess, desc="loading gallery images")
-        tokens = torch.cat([feats.image(b, device).cpu() for b in torch.split(pixels, 256)])
-        with torch.no_grad():
-            flat_scores = score_pairs(model, feats, [texts[q] for q, _ in pairs],
-                                      tokens[[col[i] for _, i in pairs]], device, cfg.batch_size).numpy()
+    if cfg.verify_images:
+        verify_images(sorted({str(records[i].path) for _, i in pairs}), cfg.data_json, cfg)
+    flat_scores = (blip_scores if cfg.blip_model else shapes_itm_scores)(cfg, texts, pairs, records, device)
     out, k = [], 0
     for items in ranked:
         n = len(items[:cfg.depth])
         out.append(flat_scores[k:k + n])
         k += n
     return out
+
+
+def _decoded(image):
+    """The loader's workers decode; BLIP's processor prepares the batch in the main process."""
+    return image
+
+
+def blip_scores(cfg: RerankConfig, texts: list[str], pairs: list[tuple], records: dict,
+                device: torch.device) -> np.ndarray:
+    """p(match) of BLIP's ITM head for every pair, in pair order."""
+    from retriever.generative.itm import BlipITM
+
+    scorer = BlipITM(cfg.blip_model, device=device)
+    loader = make_loader(ImageDataset([records[i].path for _, i in pairs], _decoded, cfg.data_json), cfg,
+                         batch_size=cfg.batch_size, device=device, collate_fn=list)
+    flat, start = [], 0
+    for images in progress(loader, desc="BLIP ITM", unit="batch"):
+        flat.append(scorer.score([texts[q] for q, _ in pairs[start:start + len(images)]], images))
+        start += len(images)
+    return torch.cat(flat).numpy() if flat else np.zeros(0, dtype=np.float32)
+
+
+@torch.no_grad()
+def shapes_itm_scores(cfg: RerankConfig, texts: list[str], pairs: list[tuple], records: dict,
+                      device: torch.device) -> np.ndarray:
+    """The Shapes ITM head's logit for every pair, in pair order: each gallery image's tokens are made once, a
+    loader batch at a time, and scored against every query that has the image among its candidates."""
+    from retriever.generative.itm import DenseTokenFeatures, load_itm
+    from retriever.generative.train_itm import score_rows, text_features
+
+    model = load_itm(cfg.itm_checkpoint).to(device)
+    encoder = load_dual_encoder(cfg.dense_checkpoint).to(device)
+    feats = DenseTokenFeatures(encoder, pool=_pool_of(cfg.itm_checkpoint))
+    queries = sorted({q for q, _ in pairs})
+    text_row = {q: n for n, q in enumerate(queries)}
+    text_feats = text_features(feats, [texts[q] for q in queries], device, cfg.batch_size)
+    gallery = sorted({i for _, i in pairs}, key=str)
+    pairs_of: dict = {i: [] for i in gallery}
+    for n, (_, i) in enumerate(pairs):
+        pairs_of[i].append(n)
+    flat = np.zeros(len(pairs), dtype=np.float32)
+    start = 0
+    for pixels in image_batches([records[i].path for i in gallery], encoder.preprocess, cfg, cfg.batch_size, device,
+                                cfg.data_json, desc="scoring gallery images"):
+        tokens = feats.image(pixels, device).cpu()
+        chunk = gallery[start:start + len(pixels)]
+        rows = [n for i in chunk for n in pairs_of[i]]
+        image_rows = [k for k, i in enumerate(chunk) for _ in pairs_of[i]]
+        flat[rows] = score_rows(model, text_feats, [text_row[pairs[n][0]] for n in rows], tokens[image_rows],
+                                device, cfg.batch_size).numpy()
+        start += len(pixels)
+    return flat
 
 
 def _pool_of(itm_checkpoint: str) -> int:

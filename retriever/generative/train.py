@@ -8,7 +8,8 @@
 Reads `data_dir/{train,val}.jsonl` (retriever.generative.prepare_dataset) and `codes.json`; writes
 `output_dir/checkpoint-last/` (resumable) and `output_dir/checkpoint-best/` (best validation recall: constrained
 beam search over the validation images for seqid/unified, set-score ranking for setid), and `metrics.json`
-after every validation. A finished stage is skipped unless `--overwrite true`.
+after every validation. A finished stage is skipped unless `--overwrite true`. Runs under `torchrun` unchanged:
+each rank trains on its share of every global batch (DDP), rank 0 validates and writes.
 """
 from __future__ import annotations
 
@@ -19,10 +20,13 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from torch import nn
 
 from core.checkpoint import BEST, LAST, BestTracker, read_meta, resume, save_checkpoint
 from core.config import parse_config
-from core.device import autocast, get_device, seed_everything
+from core.device import autocast, seed_everything
+from core.distributed import (all_reduce_mean, barrier, check_batch_divisible, cleanup, init_distributed, rank_share,
+                              world_size_from_env, wrap_model)
 from core.errors import InputError
 from core.io import atomic_write_json, read_jsonl
 from core.logging import Tracker, progress, write_metrics
@@ -46,7 +50,8 @@ class RetrieverTrainConfig:
     tokenizer: str = "word"  # "word": a WordLevel tokenizer trained on the training queries; else a pretrained name/folder
     model: dict = field(default_factory=lambda: dict(SHAPES_T5))  # T5 config, or {"pretrained": "t5-base"}
     epochs: int = 20
-    batch_size: int = 128
+    max_steps: int = 0  # stop after this many steps if > 0 (overrides epochs; validates at the last step)
+    batch_size: int = 128  # global batch, split over ranks
     lr: float = 2e-3
     weight_decay: float = 0.01
     warmup_steps: int = 100
@@ -108,7 +113,9 @@ def set_ranking_recall(model: GenerativeRetriever, tokenizer: Any, queries: list
     with torch.no_grad():
         for i in range(0, len(queries), 256):
             b = tokenizer(queries[i:i + 256], padding=True, truncation=True, max_length=max_len, return_tensors="pt").to(device)
-            logits = model.set_logits(model.encode(b["input_ids"], b["attention_mask"]), b["attention_mask"]).float().cpu()
+            with autocast(device):
+                hidden = model.encode(b["input_ids"], b["attention_mask"])
+                logits = model.set_logits(hidden, b["attention_mask"]).float().cpu()
             top = (logits @ sets.T).topk(min(10, len(keys)), dim=1).indices
             ranked += [[keys[j] for j in row] for row in top.tolist()]
     return recall_from_rankings(ranked, [[str(p)] for p in positives])
@@ -150,8 +157,33 @@ def trainable_parameters(model: GenerativeRetriever, stage: str) -> list[torch.n
         list(model.set_head.parameters())
 
 
+class StepLoss(nn.Module):
+    """One training step's loss as one forward pass, so DDP's hooks see every parameter it uses: the sequential
+    identifier's cross-entropy (teacher forcing) on this rank's queries, plus the set identifier's loss of those
+    queries against every image of the global batch (see set_loss)."""
+
+    def __init__(self, model: GenerativeRetriever, seq_w: float, set_w: float, kind: str, margin: float):
+        super().__init__()
+        self.model, self.seq_w, self.set_w, self.kind, self.margin = model, seq_w, set_w, kind, margin
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None,
+                sets: torch.Tensor, image_index: torch.Tensor, first: int,
+                shares: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        hidden = self.model.encode(input_ids, attention_mask)
+        loss, parts = hidden.new_zeros(()).float(), {}
+        if self.seq_w:
+            parts["seq"] = self.model.seq_loss(hidden, attention_mask, labels)
+            loss = loss + self.seq_w * parts["seq"]
+        if self.set_w:
+            logits = self.model.set_logits(hidden, attention_mask).float()
+            parts["set"] = set_loss(logits, sets, image_index, self.kind, self.margin, first, shares)
+            loss = loss + self.set_w * parts["set"]
+        return loss, parts
+
+
 def main(argv: Sequence[str] | None = None) -> Path:
     cfg = parse_config(RetrieverTrainConfig, argv)
+    check_batch_divisible(cfg.batch_size, world_size_from_env())
     if cfg.stage not in STAGES:
         raise InputError("config", "stage", f"must be one of {STAGES}, got {cfg.stage!r}")
     if cfg.set_loss not in SET_LOSSES:
@@ -164,15 +196,21 @@ def main(argv: Sequence[str] | None = None) -> Path:
         print(f"stage {cfg.stage} already trained in {out} (--overwrite true to retrain)")
         return out / BEST
 
-    seed_everything(cfg.seed)
-    device = get_device()
+    dist = init_distributed()
+    # one batch of the whole data when it is smaller, cut to a multiple of the ranks (no-op for one process)
+    batch_size = min(cfg.batch_size, len(train)) // dist.world_size * dist.world_size
+    if batch_size < 1:
+        raise InputError(Path(cfg.data_dir) / "train.jsonl", None,
+                         f"{len(train)} training rows cannot be split over {dist.world_size} processes")
+    seed_everything(cfg.seed)  # the same seed on every rank: the same new model (DDP also broadcasts it)
+    device = dist.device
     model, tokenizer, vocab = build_model(cfg, ids, train)
     model.to(device)
     trie = split_corpus(ids, "val", vocab.token_ids.shape[1])
     params = trainable_parameters(model, cfg.stage)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, len(train) // cfg.batch_size)
-    total = cfg.epochs * steps_per_epoch
+    total = cfg.max_steps or cfg.epochs * steps_per_epoch
     warmup = min(cfg.warmup_steps, total // 10 + 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
@@ -180,33 +218,31 @@ def main(argv: Sequence[str] | None = None) -> Path:
     if cfg.resume and (out / LAST).is_dir() and not cfg.overwrite:
         step, meta = resume(out / LAST, stage=STAGE, model=model, optimizer=optimizer, scheduler=scheduler)
         best = BestTracker(meta.get("best"))
-    tracker = Tracker(out, cfg, project=cfg.wandb_project, name=f"comgtir-{cfg.stage}-{out.parent.parent.name}")
+    tracker = Tracker(out, cfg, project=cfg.wandb_project, name=f"comgtir-{cfg.stage}-{out.parent.parent.name}",
+                      enabled=dist.is_main)
     files = save_retriever_files(model, tokenizer)
     seq_w = 0.0 if cfg.stage == "setid" else 1.0
     set_w = {"seqid": 0.0, "setid": 1.0, "unified": cfg.set_weight}[cfg.stage]
+    # seqid leaves the set head unused, setid the decoder
+    step_loss = wrap_model(StepLoss(model, seq_w, set_w, cfg.set_loss, cfg.margin), dist,
+                           find_unused_parameters=not (seq_w and set_w))
     history: list[dict[str, Any]] = []
 
-    bar = progress(total=total, initial=step, desc=f"training {cfg.stage}")
+    bar = progress(total=total, initial=step, desc=f"training {cfg.stage}", enabled=dist.is_main)
     while step < total:
         epoch = step // steps_per_epoch
+        # the global batch is drawn alike on every rank; each rank trains on its contiguous share
         order = np.random.default_rng((cfg.seed, epoch)).permutation(len(train))
-        batch = torch.from_numpy(order[(step % steps_per_epoch) * cfg.batch_size:][:cfg.batch_size])
-        enc = tokenizer([train.queries[i] for i in batch], padding=True, truncation=True,
+        batch = torch.from_numpy(order[(step % steps_per_epoch) * cfg.batch_size:][:batch_size])
+        mine = rank_share(batch, dist)
+        enc = tokenizer([train.queries[i] for i in mine], padding=True, truncation=True,
                         max_length=cfg.max_query_len, return_tensors="pt").to(device)
+        labels = torch.cat([vocab.encode(train.codes[mine]), torch.full((len(mine), 1), vocab.eos_id)], dim=1)
         model.train()
         with autocast(device):
-            hidden = model.encode(enc["input_ids"], enc["attention_mask"])
-            loss, parts = hidden.new_zeros(()), {}
-            if seq_w:
-                labels = torch.cat([vocab.encode(train.codes[batch]),
-                                    torch.full((len(batch), 1), vocab.eos_id)], dim=1).to(device)
-                seq = model.seq_loss(hidden, enc["attention_mask"], labels)
-                loss, parts["seq"] = loss + seq_w * seq, seq.item()
-            if set_w:
-                logits = model.set_logits(hidden, enc["attention_mask"]).float()
-                st = set_loss(logits, train.sets[batch].to(device), train.image_index[batch].to(device),
-                              cfg.set_loss, cfg.margin)
-                loss, parts["set"] = loss + set_w * st, st.item()
+            loss, parts = step_loss(enc["input_ids"], enc["attention_mask"], labels.to(device),
+                                    train.sets[batch].to(device), train.image_index[batch].to(device),
+                                    dist.rank * len(mine), dist.world_size)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -216,24 +252,42 @@ def main(argv: Sequence[str] | None = None) -> Path:
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
         end_of_epoch = step % steps_per_epoch == 0
-        if end_of_epoch and ((epoch + 1) % cfg.eval_every == 0 or step == total):
-            recall = validate(cfg, model, tokenizer, vocab, val, ids, trie, device)
-            score = mean_recall(recall)
-            history.append({"step": step, "epoch": epoch + 1, **parts, **{f"val/{k}": v for k, v in recall.items()}})
-            tracker.log({f"train/{k}": v for k, v in parts.items()} | {f"val/{k}": v for k, v in recall.items()}, step=step)
-            write_metrics(out, {"stage": cfg.stage, "best_val_mean_recall": max(best.best or 0, score), "history": history})
-            if best.update(score):
-                save_checkpoint(out / BEST, stage=STAGE, model=model, step=step, config=cfg,
-                                extra={"val": recall, "val_mean_recall": score, "train_stage": cfg.stage}, model_files=files)
-            save_checkpoint(out / LAST, stage=STAGE, model=model, step=step, optimizer=optimizer, scheduler=scheduler,
-                            config=cfg, extra={"best": best.best, "train_stage": cfg.stage}, model_files=files)
-            print(f"[{cfg.stage}] epoch {epoch + 1}: loss {loss.item():.3f} val {recall}")
+        if (end_of_epoch and (epoch + 1) % cfg.eval_every == 0) or step == total:
+            # the losses logged are the global batch's (the mean of the ranks' losses)
+            logged = {k: all_reduce_mean(v.item(), dist) for k, v in parts.items()}
+            mean_loss = all_reduce_mean(loss.item(), dist)
+            if dist.is_main:
+                _validate_and_save(cfg, model, tokenizer, vocab, val, ids, trie, device, step, epoch, logged, best,
+                                   history, tracker, optimizer, scheduler, files, mean_loss)
+            barrier(dist)  # the other ranks wait for validation and the checkpoints
     bar.close()
-    meta = read_meta(out / BEST, STAGE)
-    atomic_write_json(out / BEST / "meta.json", {**meta, "done": True})
+    if dist.is_main:
+        meta = read_meta(out / BEST, STAGE)
+        atomic_write_json(out / BEST / "meta.json", {**meta, "done": True})
+        print(f"[{cfg.stage}] best validation {meta.get('val')} → {out / BEST}")
     tracker.finish()
-    print(f"[{cfg.stage}] best validation {meta.get('val')} → {out / BEST}")
+    barrier(dist)
+    cleanup(dist)
     return out / BEST
+
+
+def _validate_and_save(cfg: RetrieverTrainConfig, model: GenerativeRetriever, tokenizer: Any, vocab: CodeVocab,
+                       val: QueryData, ids: Identifiers, trie: CorpusTrie, device: torch.device, step: int, epoch: int,
+                       parts: dict[str, float], best: BestTracker, history: list, tracker: Tracker,
+                       optimizer: torch.optim.Optimizer, scheduler: Any, files: Any, loss: float) -> None:
+    """Rank 0: validation recall, metrics.json, checkpoint-best (if better) and checkpoint-last."""
+    out = Path(cfg.output_dir)
+    recall = validate(cfg, model, tokenizer, vocab, val, ids, trie, device)
+    score = mean_recall(recall)
+    history.append({"step": step, "epoch": epoch + 1, **parts, **{f"val/{k}": v for k, v in recall.items()}})
+    tracker.log({f"train/{k}": v for k, v in parts.items()} | {f"val/{k}": v for k, v in recall.items()}, step=step)
+    write_metrics(out, {"stage": cfg.stage, "best_val_mean_recall": max(best.best or 0, score), "history": history})
+    if best.update(score):
+        save_checkpoint(out / BEST, stage=STAGE, model=model, step=step, config=cfg,
+                        extra={"val": recall, "val_mean_recall": score, "train_stage": cfg.stage}, model_files=files)
+    save_checkpoint(out / LAST, stage=STAGE, model=model, step=step, optimizer=optimizer, scheduler=scheduler,
+                    config=cfg, extra={"best": best.best, "train_stage": cfg.stage}, model_files=files)
+    print(f"[{cfg.stage}] epoch {epoch + 1}: loss {loss:.3f} val {recall}")
 
 
 if __name__ == "__main__":

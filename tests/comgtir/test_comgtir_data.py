@@ -71,3 +71,33 @@ def test_pretrained_t5_path_grows_the_vocabulary(tmp_path):
     vocab = CodeVocab(tok, 2, 4, 2)
     t5 = build_t5({"pretrained": str(tmp_path / "t5")}, len(tok), vocab.pad_id, vocab.eos_id)
     assert t5.get_input_embeddings().num_embeddings == len(tok) == len(base) + 2 * 4 + 2
+
+
+def captioner_args(root, data_json) -> list[str]:
+    return ["--source", "captioner", "--data_json", str(data_json), "--image_root", str(root / "images"),
+            "--n_per_image", "2", "--batch_size", "2", "--num_workers", "0", "--output", str(root / "pseudo.jsonl")]
+
+
+def test_captioner_pseudo_queries_on_a_tiny_blip(tiny_blip, tmp_path):
+    """The real-data path: BLIP's captioner loaded by path, the images read through the loader, two per batch."""
+    from tools import generate_pseudo_query
+
+    data_json = write_coco_fixture(tmp_path)
+    out = generate_pseudo_query.main(["--captioner", str(tiny_blip / "captioner"),
+                                      *captioner_args(tmp_path, data_json)])
+    rows = read_jsonl(out)
+    assert [r["imgid"] for r in rows] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]  # every image of every split, in order
+    assert [r["split"] for r in rows[::2]] == ["train", "restval", "val", "test", "test"]
+    assert all(isinstance(r["query"], str) for r in rows)
+
+
+@pytest.mark.parametrize("verify", ["false", "true"])
+def test_a_corrupt_image_is_an_error_naming_it(tiny_blip, tmp_path, verify):
+    from tools import generate_pseudo_query
+
+    data_json = write_coco_fixture(tmp_path)
+    (tmp_path / "images" / "val2014" / "COCO_val2014_000000000002.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(InputError, match="COCO_val2014_000000000002.jpg"):
+        generate_pseudo_query.main(["--captioner", str(tiny_blip / "captioner"), "--verify_images", verify,
+                                    *captioner_args(tmp_path, data_json)])
+    assert not (tmp_path / "pseudo.jsonl").exists()  # nothing half-written

@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from core.config import parse_config
+from core.data import LoaderOptions
 from core.device import get_device
 from core.errors import InputError
 from core.io import read_jsonl
@@ -22,7 +23,7 @@ from core.logging import format_table, write_metrics
 from core.metrics import recall_from_rankings
 from core.results import update_summary
 from retriever.ret.data import M2KRSplit, load_m2kr
-from retriever.ret.features import CachedSource, LiveSource
+from retriever.ret.features import open_source, resolve_features
 from retriever.ret.model import RetrieverModel
 from retriever.ret.retrieval import encode_items, exact_topk, passage_items, query_items
 from retriever.ret.token_index import TokenIndex
@@ -30,14 +31,15 @@ from retriever.ret.train import VARIANTS
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(LoaderOptions):
     run_dir: str = "runs/shapes/ret"  # holds {variant}/checkpoint-best
     variants: list = field(default_factory=lambda: list(VARIANTS))
     queries_file: str = "data/shapes/m2kr/shapes_{split}.jsonl"
     passages_file: str = "data/shapes/m2kr/shapes_passages_{split}.jsonl"
     image_root: str = "data/shapes"
     split: str = "test"
-    cache_dir: str = "runs/shapes/ret/cache"  # '' = run the towers
+    features: str = "auto"  # cache | live | auto (cache for towers trained here, live for pretrained ones)
+    cache_dir: str = "runs/shapes/ret/cache"  # cached tower tokens (features = cache)
     use_instruction: bool = False
     index_dir: str = "runs/shapes/ret/index"  # '' = skip the index check
     rankings_file: str = "runs/shapes/ret/search/rankings_test.jsonl"
@@ -49,8 +51,8 @@ class EvalConfig:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     cfg = parse_config(EvalConfig, argv)
-    split = load_m2kr(cfg.queries_file.format(split=cfg.split), cfg.passages_file.format(split=cfg.split),
-                      cfg.image_root)
+    files = (cfg.queries_file.format(split=cfg.split), cfg.passages_file.format(split=cfg.split))
+    split = load_m2kr(*files, cfg.image_root)
     for variant in cfg.variants:
         if not (Path(cfg.run_dir) / variant / "checkpoint-best").is_dir():
             raise InputError(Path(cfg.run_dir) / variant / "checkpoint-best", "run_dir", "no trained model here")
@@ -59,9 +61,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     query_emb = {}
     for variant in cfg.variants:
         model = RetrieverModel.from_pretrained(Path(cfg.run_dir) / variant / "checkpoint-best", device=device)
-        source = CachedSource(Path(cfg.cache_dir) / cfg.split) if cfg.cache_dir else LiveSource(model.towers, device)
-        q = encode_items(model.get_query_model(), source, query_items(split, cfg.use_instruction), desc=f"{variant} queries")
-        p = encode_items(model.get_passage_model(), source, passage_items(split), desc=f"{variant} passages")
+        mode = resolve_features(cfg.features, model.towers.encoder.spec)
+        source = open_source(mode, cfg.cache_dir, cfg.split, model.towers, device, " / ".join(files))
+        q = encode_items(model.get_query_model(), source, query_items(split, cfg.use_instruction),
+                         desc=f"{variant} queries", options=cfg)
+        p = encode_items(model.get_passage_model(), source, passage_items(split), desc=f"{variant} passages",
+                         options=cfg)
         query_emb[variant] = q
         _, top = exact_topk(q, p, 10, desc=f"{variant} exact MaxSim")
         ranked = [[split.passages[r].passage_id for r in row] for row in top]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from core.data import open_image
+from core.device import autocast
 from core.encoders import DualEncoder, SHAPES_ENCODER, build_dual_encoder, load_dual_encoder, require_vit_image_tower
 from core.errors import InputError
 from core.io import atomic_dir, atomic_write_json, read_json
@@ -39,6 +42,7 @@ from core.io import atomic_dir, atomic_write_json, read_json
 STAGE = "ret"
 CONFIG_FILE = "retriever.json"
 ENCODER_DIR = "encoder"
+TOWERS_FILE = "towers.json"  # which frozen towers a checkpoint was trained on: their spec, where, and a hash
 
 # Which tower layers the cell reads, as in the reference's RetLayerStrategy (0-based block indices).
 LAYER_STRATEGIES: dict[str, dict[str, list[int]]] = {
@@ -127,6 +131,21 @@ def layer_strategy(name: str, n_text: int | None = None, n_vision: int | None = 
 # The frozen towers
 
 
+def is_pretrained_spec(spec: dict) -> bool:
+    return "pretrained_name" in spec
+
+
+def weights_sha256(module: nn.Module) -> str:
+    """A hash of a module's state dict that does not depend on how it was saved (file format, archive names)."""
+    h = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 class FrozenTowers(nn.Module):
     """An open_clip CLIP (core.encoders.DualEncoder) whose per-layer tokens the cells read; never trained."""
 
@@ -136,9 +155,24 @@ class FrozenTowers(nn.Module):
         self.encoder = encoder
         self.encoder.requires_grad_(False)
         self.encoder.eval()
+        self._fingerprint: str | None = None
 
     def train(self, mode: bool = True) -> "FrozenTowers":
         return super().train(False)  # frozen: dropout and friends stay off
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the towers' weights (names, dtypes, shapes, values): what a checkpoint or a token cache names
+        them by. Computed once (a ViT-L/14 takes seconds); the towers never change."""
+        if self._fingerprint is None:
+            self._fingerprint = weights_sha256(self.encoder)
+        return self._fingerprint
+
+    @property
+    def pretrained(self) -> bool:
+        """Towers of a named open_clip architecture (ViT-L/14, ViT-g...), hub or fine-tuned weights: too large to
+        copy into checkpoints or to cache per layer; the Shapes world's towers are built from a spec instead."""
+        return is_pretrained_spec(self.encoder.spec)
 
     @property
     def text_width(self) -> int:
@@ -353,14 +387,14 @@ class RetModel(nn.Module):
             text_mask.append(1.0 if text else 0.0)
             image_mask.append(1.0 if image_path else 0.0)
             if image_path:
-                with Image.open(image_path) as img:
-                    images.append(self.image_processor(img.convert("RGB")))
+                images.append(self.image_processor(open_image(image_path, "docs")))
             else:  # the reference feeds a black image and masks it out
                 images.append(self.image_processor(Image.new("RGB", (size, size))))
         device = self.device
         tokens = self.tokenizer(texts).to(device)
-        text, attention = self.towers.text_tokens(tokens, self.cfg.text_layers)
-        vision = self.towers.vision_tokens(torch.stack(images).to(device), self.cfg.vision_layers)
+        with autocast(device):
+            text, attention = self.towers.text_tokens(tokens, self.cfg.text_layers)
+            vision = self.towers.vision_tokens(torch.stack(images).to(device), self.cfg.vision_layers)
         return SideInputs(text, attention, vision, torch.tensor(text_mask, device=device),
                           torch.tensor(image_mask, device=device))
 
@@ -369,7 +403,9 @@ class RetModel(nn.Module):
         """[[text, image_path], ...] → L2-normalised late-interaction tokens [batch, 32, 128]."""
         was_training = self.training
         self.eval()
-        feats = self.encode(self.prepare(docs))
+        inputs = self.prepare(docs)
+        with autocast(self.device):
+            feats = self.encode(inputs).float()
         self.train(was_training)
         return feats.cpu() if to_cpu else feats
 
@@ -385,20 +421,30 @@ def maxsim(queries: torch.Tensor, passages: torch.Tensor) -> torch.Tensor:
     return sim.max(-1).values.sum(-1)
 
 
-def contrastive_loss(query: torch.Tensor, passage: torch.Tensor, labels: Sequence[Any] | None = None) -> torch.Tensor:
+def contrastive_loss(query: torch.Tensor, passage: torch.Tensor, labels: Sequence[Any] | None = None,
+                     rows: slice | None = None) -> torch.Tensor:
     """In-batch InfoNCE on MaxSim logits, both directions (the reference's `contrastive_loss` with
     fine_grained=True, simmetric=True, no temperature): L = ½[CE(S, Y) + CE(Sᵀ, Yᵀ)], S = maxsim(q, p).
-    `labels` (the positive passage id of each row) turn duplicates in a batch into shared targets."""
-    scores = maxsim(query, passage)
-    n = scores.shape[0]
+    `labels` (the positive passage id of each row) turn duplicates in a batch into shared targets.
+
+    Under torchrun `query` and `passage` are the whole global batch (gathered with gradients) and `rows` this rank's
+    share of it: L is then averaged over those rows only — the rank's queries against every passage and its
+    passages against every query — so DDP's mean over equal shares is the global batch's L."""
+    n = query.shape[0]
     if labels is None:
-        target = torch.eye(n, device=scores.device)
+        target = torch.eye(n, device=query.device)
     else:
         ids = list(labels)
-        target = torch.tensor([[float(a == b) for b in ids] for a in ids], device=scores.device)
-    target_q = target / target.sum(1, keepdim=True)
-    target_p = target.T / target.T.sum(1, keepdim=True)
-    return 0.5 * (F.cross_entropy(scores, target_q) + F.cross_entropy(scores.T, target_p))
+        target = torch.tensor([[float(a == b) for b in ids] for a in ids], device=query.device)
+    if rows is None or (rows.start or 0, rows.stop) == (0, n):
+        scores = maxsim(query, passage)
+        by_query, by_passage, rows = scores, scores.T, slice(0, n)
+    else:
+        by_query = maxsim(query[rows], passage)  # S[rows, :]
+        by_passage = maxsim(query, passage[rows]).T  # Sᵀ[rows, :]
+    target_q = target[rows] / target[rows].sum(1, keepdim=True)
+    target_p = target.T[rows] / target.T[rows].sum(1, keepdim=True)
+    return 0.5 * (F.cross_entropy(by_query, target_q) + F.cross_entropy(by_passage, target_p))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -406,11 +452,18 @@ def contrastive_loss(query: torch.Tensor, passage: torch.Tensor, labels: Sequenc
 
 
 class RetrieverModel(nn.Module):
-    """Query and passage ReT models over one pair of frozen towers; `from_pretrained(folder)` / `save_pretrained`."""
+    """Query and passage ReT models over one pair of frozen towers; `from_pretrained(folder)` / `save_pretrained`.
 
-    def __init__(self, config: RetrieverConfig, encoder: DualEncoder | None = None):
+    `encoder_dir` is the folder the towers were loaded from: a checkpoint on towers of a named architecture (ViT-L,
+    ViT-g, hub or fine-tuned weights) names that folder and the weights' hash instead of copying gigabytes."""
+
+    def __init__(self, config: RetrieverConfig, encoder: DualEncoder | None = None,
+                 encoder_dir: str | Path | None = None):
         super().__init__()
+        if encoder is not None and config.encoder != encoder.spec:  # retriever.json names the towers actually used
+            config = dataclasses.replace(config, encoder=copy.deepcopy(encoder.spec))
         self.config = config
+        self.encoder_dir = Path(encoder_dir) if encoder_dir is not None else None
         self.towers = FrozenTowers(encoder if encoder is not None else build_dual_encoder(config.encoder))
         self.query_model = RetModel(config.query, self.towers)
         self.passage_model = RetModel(config.passage, self.towers)
@@ -429,15 +482,28 @@ class RetrieverModel(nn.Module):
         return contrastive_loss(self.query_model.encode(query), self.passage_model.encode(passage), labels)
 
     def write_files(self, folder: str | Path) -> None:
-        """`retriever.json` and the frozen towers (`encoder/`): with `model.pt` the folder loads on its own."""
+        """`retriever.json`, `towers.json` (the towers' spec, where their weights come from, their sha256) and, only
+        for the small towers trained here (the Shapes world's, a few MB), a copy of them in `encoder/`: frozen
+        pretrained weights are named, never copied, so a checkpoint on ViT-L/14 holds the cells alone."""
         folder = Path(folder)
         atomic_write_json(folder / CONFIG_FILE, self.config.to_dict())
         enc = self.towers.encoder
-        (folder / ENCODER_DIR).mkdir(parents=True, exist_ok=True)
-        if "pretrained_name" in enc.spec and enc.spec.get("pretrained"):
-            enc.write_spec(folder / ENCODER_DIR)  # frozen named weights: the name is enough to rebuild them
+        record: dict[str, Any] = {"spec": enc.spec, "sha256": self.towers.fingerprint}
+        if self.towers.pretrained and enc.spec.get("pretrained"):
+            record["weights"] = "hub"  # open_clip rebuilds them from the name; the hash checks they are the same
+            (folder / ENCODER_DIR).mkdir(parents=True, exist_ok=True)
+            enc.write_spec(folder / ENCODER_DIR)
+        elif self.towers.pretrained:
+            if self.encoder_dir is None:
+                raise ValueError("towers of a named architecture with weights from a folder: pass encoder_dir to "
+                                 "RetrieverModel so that its checkpoints can name them instead of copying them")
+            record["weights"] = "folder"
+            record["folder"] = str(self.encoder_dir.resolve())
         else:
+            record["weights"] = "copied"
+            (folder / ENCODER_DIR).mkdir(parents=True, exist_ok=True)
             enc.save(folder / ENCODER_DIR)
+        atomic_write_json(folder / TOWERS_FILE, record)
 
     def save_pretrained(self, folder: str | Path) -> Path:
         folder = Path(folder)
@@ -456,7 +522,12 @@ class RetrieverModel(nn.Module):
         if meta["stage"] != STAGE:
             raise InputError(folder / "meta.json", "stage", f"written by stage '{meta['stage']}', expected '{STAGE}'")
         config = RetrieverConfig.from_dict(read_json(folder / CONFIG_FILE), str(folder / CONFIG_FILE))
-        model = cls(config, load_dual_encoder(folder / ENCODER_DIR))
+        record = read_json(folder / TOWERS_FILE, required=["sha256"]) if (folder / TOWERS_FILE).is_file() else {}
+        encoder_dir = Path(record["folder"]) if record.get("weights") == "folder" else folder / ENCODER_DIR
+        model = cls(config, load_dual_encoder(encoder_dir), encoder_dir=encoder_dir)
+        if record and model.towers.fingerprint != record["sha256"]:
+            raise InputError(folder / TOWERS_FILE, "sha256", f"the towers loaded from {encoder_dir} are not the ones "
+                             "this model was trained on (their weights' hash differs)")
         state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
         model.cells().load_state_dict(state)
         model.eval()

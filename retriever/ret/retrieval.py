@@ -6,24 +6,33 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from core.data import LoaderOptions
 from core.device import autocast
 from core.logging import progress
 from retriever.ret.data import M2KRSplit
-from retriever.ret.features import CachedSource, Item, LiveSource
+from retriever.ret.features import CachedSource, Item, ItemDataset, LiveSource, item_loader
 from retriever.ret.model import RetModel
 
 
 @torch.no_grad()
 def encode_items(model: RetModel, source: CachedSource | LiveSource, items: Sequence[Item], batch_size: int = 256,
-                 desc: str = "encoding") -> np.ndarray:
-    """L2-normalised late-interaction tokens [N, 32, 128] (float32) of (text, image) items."""
+                 desc: str = "encoding", options: LoaderOptions | None = None, out: np.ndarray | None = None) -> np.ndarray:
+    """L2-normalised late-interaction tokens [N, 32, 128] of (text, image) items, in order, their images read by a
+    DataLoader. Float32 in memory, or written as made into `out` (e.g. a float16 memory map of a whole corpus)."""
     model.eval()
-    out = []
-    for i in progress(range(0, len(items), batch_size), desc=desc):
-        inputs = source.side(items[i:i + batch_size], model.cfg).to(model.device)
+    loader = item_loader(source, ItemDataset(items, source.load), options or LoaderOptions(), model.device,
+                         batch_size=batch_size)
+    blocks, row = [], 0
+    for batch in progress(loader, desc=desc, unit="batch"):
+        inputs = source.side(batch, model.cfg).to(model.device)
         with autocast(model.device):
-            out.append(model.encode(inputs).float().cpu())
-    return torch.cat(out).numpy()
+            emb = model.encode(inputs).float().cpu().numpy()
+        if out is not None:
+            out[row:row + len(emb)] = emb
+        else:
+            blocks.append(emb)
+        row += len(emb)
+    return out if out is not None else np.concatenate(blocks)
 
 
 def query_items(split: M2KRSplit, use_instruction: bool) -> list[Item]:
@@ -48,7 +57,8 @@ def exact_topk(queries: np.ndarray, passages: np.ndarray, k: int, block: int = 3
                desc: str = "exact MaxSim") -> tuple[np.ndarray, np.ndarray]:
     """Exhaustive MaxSim over the whole corpus: top-k (scores, passage rows) per query, best first."""
     k = min(k, len(passages))
-    p = torch.as_tensor(passages, dtype=torch.float32)
+    p = torch.from_numpy(np.asarray(passages, dtype=np.float32)) if isinstance(passages, np.ndarray) \
+        else torch.as_tensor(passages, dtype=torch.float32)
     scores, rows = [], []
     for i in progress(range(0, len(queries), block), desc=desc):
         s = maxsim_scores(queries[i:i + block], p)

@@ -13,23 +13,25 @@ from pathlib import Path
 from typing import Sequence
 
 from core.config import parse_config
+from core.data import LoaderOptions
 from core.device import get_device
 from core.io import atomic_write_json, atomic_write_jsonl
 from retriever.ret.data import load_queries
-from retriever.ret.features import CachedSource, LiveSource
+from retriever.ret.features import open_source, resolve_features
 from retriever.ret.model import RetrieverModel
 from retriever.ret.retrieval import encode_items
 from retriever.ret.token_index import TokenIndex
 
 
 @dataclass
-class SearchConfig:
+class SearchConfig(LoaderOptions):
     checkpoint: str = "runs/shapes/ret/ret/checkpoint-best"
     index_dir: str = "runs/shapes/ret/index"
     queries_file: str = "data/shapes/m2kr/shapes_{split}.jsonl"
     image_root: str = "data/shapes"
     split: str = "test"
-    cache_dir: str = "runs/shapes/ret/cache"  # '' = run the towers
+    features: str = "auto"  # cache | live | auto (cache for towers trained here, live for pretrained ones)
+    cache_dir: str = "runs/shapes/ret/cache"  # cached tower tokens (features = cache)
     use_instruction: bool = False
     k: int = 100  # passages returned per query
     per_token: int = 64  # nearest passage tokens each query token gathers (candidate generation)
@@ -40,13 +42,15 @@ class SearchConfig:
 def main(argv: Sequence[str] | None = None) -> Path:
     cfg = parse_config(SearchConfig, argv)
     index = TokenIndex.load(cfg.index_dir)
-    queries = load_queries(cfg.queries_file.format(split=cfg.split), cfg.image_root, set(index.ids))
+    queries_file = cfg.queries_file.format(split=cfg.split)
+    queries = load_queries(queries_file, cfg.image_root, set(index.ids))
     device = get_device()
     model = RetrieverModel.from_pretrained(cfg.checkpoint, device=device)
-    source = CachedSource(Path(cfg.cache_dir) / cfg.split) if cfg.cache_dir else LiveSource(model.towers, device)
+    mode = resolve_features(cfg.features, model.towers.encoder.spec)
+    source = open_source(mode, cfg.cache_dir, cfg.split, model.towers, device, queries_file)
     started = time.time()
     emb = encode_items(model.get_query_model(), source, [(q.text(cfg.use_instruction), q.image) for q in queries],
-                       cfg.batch_size, desc="encoding queries")
+                       cfg.batch_size, desc="encoding queries", options=cfg)
     encoded = time.time()
     scores, ids = index.search(emb, cfg.k, per_token=cfg.per_token)
     searched = time.time()

@@ -137,7 +137,7 @@ class TokenIndex:
         self = cls(meta["dim"], meta["kind"], meta["nlist"], meta["nprobe"], meta["pq_m"], meta["pq_bits"], use_gpu)
         self.tokens_per_passage = meta["tokens_per_passage"]
         self.ids = read_json(folder / "ids.json")
-        self.passages = np.load(folder / "passages.npy")
+        self.passages = np.load(folder / "passages.npy", mmap_mode="r")  # re-scoring reads the candidates' rows only
         index = faiss.read_index(str(folder / "index.faiss"))
         if index.ntotal != len(self.ids) * self.tokens_per_passage or len(self.passages) != len(self.ids):
             raise InputError(folder / "ids.json", None, "index, passages and ids disagree in size")

@@ -1,7 +1,7 @@
 """Shapes generator cost: seconds per training step (forward, backward, AdamW) and sampled images per second, for
 the attention-free UNet the main job trains and for the same UNet with cross-attention to the caption's tokens,
-both reading the caption's layout. Reads a dense checkpoint; writes `bench/results/mir_generator_step.json`.
-Figures only, no assertion.
+both reading the caption's layout, in the trainer's precision (core.device.autocast). Reads a dense checkpoint;
+writes `bench/results/mir_generator_step.json`. Figures only, no assertion.
 
     python -m bench.mir_generator_step --dense_checkpoint runs/shapes/dense/checkpoint-best
 """
@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from core.device import get_device, set_threads
+from core.device import autocast, get_device, set_threads
 from core.encoders import load_dual_encoder
 from core.io import atomic_write_json
 from mir.generator import SHAPES_SCHEDULER, SHAPES_UNET, ShapesGenerator, TextConditioner, build_unet
@@ -43,7 +43,9 @@ def step_seconds(unet: torch.nn.Module, conditioner: TextConditioner, batch: int
         start = time.perf_counter()
         t = torch.randint(0, 1000, (batch,), device=device)
         xt = scheduler.add_noise(x0, torch.randn_like(x0), t)
-        loss = torch.nn.functional.mse_loss(unet(xt, t, conditioner(captions)), x0)
+        with autocast(device):  # the trainer's precision: bf16 on CUDA, fp32 on CPU
+            pred = unet(xt, t, conditioner(captions))
+        loss = torch.nn.functional.mse_loss(pred.float(), x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
-from core.device import autocast, get_device, weights_dtype
+from core.device import autocast, get_device, pretrained_dtype_kwargs
 from core.errors import InputError
 
 # Model types trained on one image per turn: callers paste a pair side by side (`side_by_side`) instead.
@@ -45,7 +45,7 @@ class ChatVLM:
         if name_or_path.startswith((".", "/", "~")) and not Path(name_or_path).expanduser().exists():
             raise InputError(name_or_path, "vlm", "VLM folder not found")
         device = device or get_device()
-        model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=weights_dtype(device))
+        model = AutoModelForImageTextToText.from_pretrained(name_or_path, **pretrained_dtype_kwargs(device))
         return cls(model, AutoProcessor.from_pretrained(name_or_path), name_or_path, device=device, **kwargs)
 
     @property

@@ -2,7 +2,8 @@
 ranked against the search space by the dense retriever; cumulative Hits@10 per round.
 
 Works on ChatIR's own files (`VisDial_v1.0_queries_val.json` + `Search_Space_val_50k.json`) and on the
-`dialogues.json` a MIR run writes. Writes `output_dir/metrics.json` (and a results.json row with --summary).
+`dialogues.json` a MIR run writes. The search space is encoded once into a float16 cache under
+`output_dir/cache/` (mir.retrieval). Writes `output_dir/metrics.json` (and a results.json row with --summary).
 
     python -m mir.evaluate_dialogues --config configs/mir/chatir_visdial.yaml
 """
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from core.config import parse_config
+from core.data import LoaderOptions, verify_images
 from core.device import get_device
 from core.logging import write_metrics
 from core.results import update_summary
@@ -25,7 +27,7 @@ from mir.retrieval import DenseSearcher
 
 
 @dataclass
-class EvaluateDialoguesConfig:
+class EvaluateDialoguesConfig(LoaderOptions):
     dialogues_json: str = "runs/shapes/mir/text-only/dialogues.json"
     search_space_json: str = "data/shapes/chatir/search_space_test.json"
     image_root: str = "data/shapes"
@@ -41,8 +43,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     cfg = parse_config(EvaluateDialoguesConfig, argv)
     data = load_chatir(cfg.dialogues_json, cfg.search_space_json, cfg.image_root)
     rounds = dialogue_rounds(data.dialogues, None if cfg.rounds < 0 else cfg.rounds)
-    searcher = DenseSearcher(cfg.dense_checkpoint, [data.path(p) for p in data.search_space], data.search_space,
-                             Path(cfg.output_dir) / "cache", get_device())
+    paths = [data.path(p) for p in data.search_space]
+    if cfg.verify_images:
+        verify_images(paths, cfg.search_space_json, cfg)
+    searcher = DenseSearcher(cfg.dense_checkpoint, paths, data.search_space, Path(cfg.output_dir) / "cache",
+                             get_device(), loader=cfg, listed_in=cfg.search_space_json)
     targets = [d.img for d in data.dialogues]
     ranks = np.zeros((len(targets), rounds + 1))
     truncated = 0

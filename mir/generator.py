@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from core.device import autocast, get_device, weights_dtype
+from core.data import open_image
+from core.device import autocast, get_device, pretrained_dtype_kwargs
 from core.encoders import DualEncoder, load_dual_encoder
 from core.errors import InputError
 from core.shapes.world import GRID
@@ -218,7 +219,8 @@ class ShapesGenerator:
 
     def _generate_batch(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
         n = len(prompts)
-        cond = self.conditioner(prompts + [""] * n)
+        with autocast(self.device):
+            cond = self.conditioner(prompts + [""] * n)
         res = self.unet.resolution
         x = noise_for(seeds, (3, res, res), self.device)
         self.scheduler.set_timesteps(self.steps)
@@ -232,6 +234,31 @@ class ShapesGenerator:
         """The UNet's output (x0 for the Shapes scheduler) at one timestep `t` for every row of `x`."""
         with autocast(self.device):
             return self.unet(x, t.expand(len(x)), cond).float()
+
+
+def to_pixels(image: Image.Image, resolution: int) -> torch.Tensor:
+    """An image as the UNet reads it: [3, resolution, resolution] in [-1, 1] (box filter: clean down-sampling)."""
+    small = image.convert("RGB").resize((resolution, resolution), Image.BOX)
+    return torch.from_numpy(np.asarray(small).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def images_to_pixels(images: Sequence[Image.Image], resolution: int) -> torch.Tensor:
+    return torch.stack([to_pixels(img, resolution) for img in images])
+
+
+class PixelImages(torch.utils.data.Dataset):
+    """Image files as `to_pixels` tensors, one opened per item (a DataLoader's workers decode them): memory does not
+    grow with the split. Items are indices, or the `(epoch, index)` pairs of core.data.EpochBatchSampler."""
+
+    def __init__(self, paths: Sequence[str | Path], resolution: int, listed_in: str | Path | None = None):
+        self.paths, self.resolution, self.listed_in = [Path(p) for p in paths], resolution, listed_in
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, item: int | tuple[int, int]) -> torch.Tensor:
+        index = item[1] if isinstance(item, tuple) else item
+        return to_pixels(open_image(self.paths[index], self.listed_in), self.resolution)
 
 
 def to_pil(x: torch.Tensor, size: int) -> list[Image.Image]:
@@ -252,8 +279,9 @@ class DiffusersGenerator:
         from diffusers import AutoPipelineForText2Image
 
         self.device = device or get_device()
+        # diffusers names the load dtype `torch_dtype`; bf16 on CUDA, fp32 on CPU (core.device)
         self.pipe = pipeline if pipeline is not None else AutoPipelineForText2Image.from_pretrained(
-            name_or_path, dtype=weights_dtype(self.device))
+            name_or_path, **pretrained_dtype_kwargs(self.device, "diffusers"))
         self.pipe = self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         self.model_id, self.steps, self.guidance, self.size, self.batch_size = name_or_path, steps, guidance, size, batch_size
@@ -264,8 +292,9 @@ class DiffusersGenerator:
         for i in range(0, len(prompts), self.batch_size):
             batch, batch_seeds = list(prompts[i:i + self.batch_size]), seeds[i:i + self.batch_size]
             gens = [torch.Generator(device=self.device).manual_seed(int(s)) for s in batch_seeds]
-            out = self.pipe(prompt=batch, generator=gens, num_inference_steps=self.steps,
-                            guidance_scale=self.guidance, height=self.size, width=self.size)
+            with autocast(self.device):
+                out = self.pipe(prompt=batch, generator=gens, num_inference_steps=self.steps,
+                                guidance_scale=self.guidance, height=self.size, width=self.size)
             images += [img.convert("RGB") for img in out.images]
         return images
 

@@ -13,9 +13,11 @@ differs from their target; (d) the refiner rewrites the query. Modes (`--mode`):
   each round) and the user gives no feedback: an image as the query without the image as feedback.
 
 Reads the ChatIR-layout dialogues and search space, the dense checkpoint, the generator and the user's
-modification-text generator. Writes `output_dir/<mode>/records.jsonl` (one line per (target, round)),
-`dialogues.json` (the finished dialogues in ChatIR's layout), `run.json` (what the run depends on) and
-generated images under `output_dir/cache/images/` (named by the hash of what made them).
+modification-text generator; the search space is encoded through the DataLoader once and cached as float16
+embeddings (mir.retrieval), and target images are opened per batch when the user looks at them. Writes
+`output_dir/<mode>/records.jsonl` (one line per (target, round)), `dialogues.json` (the finished dialogues in
+ChatIR's layout), `run.json` (what the run depends on) and generated images under `output_dir/cache/images/`
+(named by the hash of what made them).
 A killed run resumes at the first unfinished (target, round).
 """
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 from PIL import Image
 
 from core.config import config_to_dict, parse_config, save_config
+from core.data import LoaderOptions, open_image, verify_images
 from core.device import derive_seed, get_device, seed_everything, set_threads
 from core.errors import InputError
 from core.io import atomic_write_json, read_json
@@ -45,7 +48,7 @@ GENERATIVE = ("genir", "image-query")
 
 
 @dataclass
-class MIRConfig:
+class MIRConfig(LoaderOptions):
     mode: str = "genir"  # genir | prediction | text-only | image-query
     dialogues_json: str = "data/shapes/chatir/dialogues_test.json"
     search_space_json: str = "data/shapes/chatir/search_space_test.json"
@@ -68,10 +71,10 @@ class MIRConfig:
 
 @dataclass
 class Episode:
-    """One target's search: its id (the image path), image, and the system's state."""
+    """One target's search: its id (the image path) and the system's state. The target's pixels are opened when
+    the user looks at them, so memory does not grow with the number of targets."""
 
     target: str
-    image: Image.Image
     first_query: str
     state: Any
     asked: list[tuple[int, int]]
@@ -90,8 +93,12 @@ class MIRRun:
             raise InputError(cfg.dialogues_json, "n_targets", f"asked for {cfg.n_targets} targets, the file has {len(self.data.dialogues)}")
         self.out = Path(cfg.output_dir) / cfg.mode
         self.device = get_device()
-        self.searcher = DenseSearcher(cfg.dense_checkpoint, [self.data.path(p) for p in self.data.search_space],
-                                      self.data.search_space, Path(cfg.output_dir) / "cache", self.device)
+        paths = [self.data.path(p) for p in self.data.search_space]
+        if cfg.verify_images:
+            verify_images(paths, cfg.search_space_json, cfg)
+        self.searcher = DenseSearcher(cfg.dense_checkpoint, paths, self.data.search_space,
+                                      Path(cfg.output_dir) / "cache", self.device, loader=cfg,
+                                      listed_in=cfg.search_space_json)
         self.generator = None
         self.cache = None
         if cfg.mode in GENERATIVE:
@@ -130,15 +137,13 @@ class MIRRun:
         last = self.store.last()
         out = []
         for d in self.data.dialogues[: self.cfg.n_targets]:
-            with Image.open(self.data.path(d.img)) as img:
-                image = img.convert("RGB")
             row = last.get(d.img)
             if row is None:
-                out.append(Episode(d.img, image, d.dialog[0], self.refiner.start(d.dialog[0]), [], [d.dialog[0]]))
+                out.append(Episode(d.img, d.dialog[0], self.refiner.start(d.dialog[0]), [], [d.dialog[0]]))
                 continue
             state = QueryState.from_dict(row["next_state"]) if isinstance(self.refiner, ShapesRefiner) else row["next_state"]
             asked = [tuple(c) for c in row.get("asked", [])]
-            out.append(Episode(d.img, image, d.dialog[0], state, asked, list(row["dialog"])))
+            out.append(Episode(d.img, d.dialog[0], state, asked, list(row["dialog"])))
         return out
 
     # ------------------------------------------------------------------ the loop
@@ -213,7 +218,7 @@ class MIRRun:
     def _feedback(self, eps: list[Episode], rows: list[dict], shown: list[Image.Image], tops: list[list[str]],
                   seed: int) -> list[str]:
         mode = self.cfg.mode
-        targets = [e.image for e in eps]
+        targets = [self.open(e.target) for e in eps]
         if mode == "genir":
             return self.user.compare(shown, targets, seed)
         if mode == "prediction":
@@ -226,10 +231,7 @@ class MIRRun:
                 wrong = next(t for t in top if t != e.target)
                 row["shown"] = wrong
                 todo.append((i, wrong))
-            images = []
-            for _, wrong in todo:
-                with Image.open(self.data.path(wrong)) as img:
-                    images.append(img.convert("RGB"))
+            images = [self.open(wrong) for _, wrong in todo]
             said = self.user.compare(images, [targets[i] for i, _ in todo], seed)
             for (i, _), text in zip(todo, said):
                 out[i] = text
@@ -243,6 +245,10 @@ class MIRRun:
             row["question"] = question_text(cell)
             cells.append(cell)
         return self.user.answer(cells, targets, seed)
+
+    def open(self, img: str) -> Image.Image:
+        """A search-space image (a target or a retrieved one), decoded; a bad file is an InputError naming it."""
+        return open_image(self.data.path(img), self.cfg.search_space_json)
 
     def write_dialogues(self, episodes: Sequence[Episode]) -> None:
         """The dialogues as ChatIR stores them, so `mir.evaluate_dialogues` can replay them."""

@@ -328,11 +328,11 @@ class LLMRefiner:
                  device: Any = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from core.device import get_device, weights_dtype
+        from core.device import get_device, pretrained_dtype_kwargs
 
         self.device = device or get_device()
         self.model = model if model is not None else AutoModelForCausalLM.from_pretrained(
-            name_or_path, dtype=weights_dtype(self.device))
+            name_or_path, **pretrained_dtype_kwargs(self.device))
         self.model = self.model.to(self.device).eval()
         self.tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(name_or_path)
         self.model_id, self.max_new_tokens = name_or_path, max_new_tokens

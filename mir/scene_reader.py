@@ -7,18 +7,22 @@ training images and their scenes from `scenes.json`) reads any 32 px image back 
 test scene, it gives per object: the right shape in the right cell, the right colour there, both; and the number
 of objects drawn in cells that the scene leaves empty (a duplicated or invented shape). Its accuracy on the real
 test images is reported beside, as the ceiling of what it can read.
+
+The training images are read through a DataLoader (one opened per item, `mir.generator.PixelImages`), never held
+for the whole split; `load_or_train_reader` caches the trained reader as one file.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from core.data import LoaderOptions, epoch_batches, make_loader
 from core.fit import fit
 from core.shapes.world import COLOUR_CLASSES, GRID, SHAPE_CLASSES, Scene, cell_classes
 from mir.refiner import parse_caption
@@ -69,23 +73,58 @@ def _soften(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return x + amount * (blurred - x)
 
 
-def train_scene_reader(pixels: torch.Tensor, scenes: Sequence[Scene], epochs: int = 4, batch_size: int = 64,
-                       lr: float = 2e-3, seed: int = 0, progress: Callable | None = None) -> SceneReader:
-    """Fit a SceneReader on real images ([-1, 1], 32 px) and their scenes."""
-    if len(pixels) != len(scenes):
-        raise ValueError(f"{len(pixels)} images but {len(scenes)} scenes")
+class _Indexed(torch.utils.data.Dataset):
+    """Items of `images` with their index, so the trainer can check that the loader delivers the batch it asked for."""
+
+    def __init__(self, images: torch.utils.data.Dataset):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], index
+
+
+class _FitOrder(torch.utils.data.Sampler):
+    """The batches core.fit asks for, in its order: epoch e's batches are `epoch_batches(n, batch_size, seed, e)`."""
+
+    def __init__(self, n: int, epochs: int, batch_size: int, seed: int):
+        self.n, self.epochs, self.batch_size, self.seed = n, epochs, batch_size, seed
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for epoch in range(self.epochs):
+            for batch in epoch_batches(self.n, self.batch_size, self.seed, epoch):
+                yield batch.tolist()
+
+    def __len__(self) -> int:
+        return self.epochs * (self.n // self.batch_size)
+
+
+def train_scene_reader(images: torch.utils.data.Dataset | torch.Tensor, scenes: Sequence[Scene], epochs: int = 4,
+                       batch_size: int = 64, lr: float = 2e-3, seed: int = 0, progress: Callable | None = None,
+                       loader: LoaderOptions | None = None) -> SceneReader:
+    """Fit a SceneReader on real images ([-1, 1], 32 px; a map-style dataset such as mir.generator.PixelImages, or
+    a tensor) and their scenes. A DataLoader decodes the batches ahead, in the order core.fit asks for them."""
+    if len(images) != len(scenes):
+        raise ValueError(f"{len(images)} images but {len(scenes)} scenes")
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     reader = SceneReader()
     labels = [scene_labels(s) for s in scenes]
     shapes, colours = torch.stack([a for a, _ in labels]), torch.stack([b for _, b in labels])
+    batches = iter(make_loader(_Indexed(images), loader or LoaderOptions(),
+                               batch_sampler=_FitOrder(len(images), epochs, batch_size, seed)))
 
     def batch_loss(idx: torch.Tensor) -> torch.Tensor:
-        shape_logits, colour_logits = reader(_soften(pixels[idx], gen))
+        pixels, got = next(batches)
+        if not torch.equal(got, idx):
+            raise RuntimeError("the scene reader's loader is out of step with core.fit's batch order")
+        shape_logits, colour_logits = reader(_soften(pixels, gen))
         return F.cross_entropy(shape_logits.flatten(0, 1), shapes[idx].flatten()) + \
             F.cross_entropy(colour_logits.flatten(0, 1), colours[idx].flatten())
 
-    return fit(reader, len(pixels), batch_loss, epochs, batch_size, lr, seed, "training scene reader", progress)
+    return fit(reader, len(images), batch_loss, epochs, batch_size, lr, seed, "training scene reader", progress)
 
 
 @torch.no_grad()
@@ -134,11 +173,11 @@ def complete_caption(captions: Sequence[str], scene: Scene) -> str | None:
     return next((c for c in captions if names_every_object(c, scene)), None)
 
 
-def load_or_train_reader(path: Path, load_train_pixels: Callable[[], torch.Tensor], train_scenes: Sequence[Scene],
-                         seed: int, epochs: int = 4, batch_size: int = 64,
-                         progress: Callable | None = None) -> SceneReader:
+def load_or_train_reader(path: Path, train_images: Callable[[], torch.utils.data.Dataset | torch.Tensor],
+                         train_scenes: Sequence[Scene], seed: int, epochs: int = 4, batch_size: int = 64,
+                         progress: Callable | None = None, loader: LoaderOptions | None = None) -> SceneReader:
     """The reader cached at `path` when it was trained on the same scenes with the same settings, else a new one
-    (written atomically: a killed run never leaves half a file)."""
+    trained on `train_images()` (written atomically: a killed run never leaves half a file)."""
     settings = [[s.to_dict() for s in train_scenes], seed, epochs, batch_size]
     key = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:16]
     if path.is_file():
@@ -147,8 +186,8 @@ def load_or_train_reader(path: Path, load_train_pixels: Callable[[], torch.Tenso
             reader = SceneReader()
             reader.load_state_dict(saved["state_dict"])
             return reader.eval()
-    reader = train_scene_reader(load_train_pixels(), train_scenes, epochs=epochs, batch_size=batch_size, seed=seed,
-                                progress=progress)
+    reader = train_scene_reader(train_images(), train_scenes, epochs=epochs, batch_size=batch_size, seed=seed,
+                                progress=progress, loader=loader)
     tmp = path.with_suffix(".tmp")
     torch.save({"key": key, "state_dict": reader.state_dict()}, tmp)
     tmp.replace(path)

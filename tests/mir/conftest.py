@@ -3,7 +3,9 @@ modification-text generator (the simulated user's interface; its words are noise
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
+from typing import Sequence
 
 import pytest
 
@@ -12,6 +14,16 @@ TINY_UNET = {"resolution": 32, "patch": 4, "layers_per_block": 1, "block_out_cha
              "down_block_types": ["DownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "UpBlock2D"],
              "mid_block_type": "UNetMidBlock2D", "attention_head_dim": 8, "norm_num_groups": 8,
              "class_embed_type": "projection"}
+
+
+def with_cached_helpers(out: Path, fixture_run: Path,
+                        names: Sequence[str] = ("layout_encoder.pt", "scene_reader.pt")) -> Path:
+    """A new run folder holding the fixture run's layout encoder and scene reader: each is cached by what it was
+    trained on (the same captions, scenes and seed), so a generator run there trains only its UNet."""
+    out.mkdir(parents=True)
+    for name in names:
+        shutil.copy(fixture_run / name, out / name)
+    return out
 
 
 @pytest.fixture(scope="session")

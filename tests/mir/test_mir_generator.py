@@ -3,18 +3,19 @@ deterministic per (prompt, seed) whatever the batch, the image cache hits, and t
 from __future__ import annotations
 
 import json
-import types
 
 import numpy as np
 import torch
 
 import pytest
 
-from core.encoders import load_dual_encoder
+from core.data import load_karpathy
 from core.errors import InputError
-from mir.generator import ImageCache, TextConditioner, build_unet, load_generator
+from mir.generator import ImageCache, build_unet, load_generator
 from mir.layout import LAYOUT_FILE
-from mir.train_generator import diffusion_loss, load_train_pixels, TrainGeneratorConfig
+from mir.scene_reader import READER_FILE
+from mir.train_generator import diffusion_loss, load_pixels
+from tests.mir.conftest import with_cached_helpers
 
 
 def _heldout_loss(unet, conditioner, x0, captions) -> float:
@@ -22,19 +23,23 @@ def _heldout_loss(unet, conditioner, x0, captions) -> float:
 
     from mir.generator import SHAPES_SCHEDULER
 
-    model = types.SimpleNamespace(unet=unet.eval())
+    scheduler = DDPMScheduler(**SHAPES_SCHEDULER)
     gen = torch.Generator().manual_seed(123)
+    losses = []
     with torch.no_grad():
-        return float(np.mean([diffusion_loss(model, DDPMScheduler(**SHAPES_SCHEDULER), conditioner, x0, captions, gen,
-                                             torch.device("cpu")).item() for _ in range(4)]))
+        cond = conditioner(captions)
+        for _ in range(4):
+            noise = torch.randn(x0.shape, generator=gen)
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=gen)
+            losses.append(diffusion_loss(unet.eval(), scheduler, cond, x0, noise, t).item())
+    return float(np.mean(losses))
 
 
 def test_trained_generator_denoises_better_than_untrained(mir_generator, shapes_world, dense_checkpoint):
     from tests.mir.conftest import TINY_UNET
 
-    cfg = TrainGeneratorConfig(data_json=str(shapes_world / "dataset_shapes.json"), image_root=str(shapes_world / "images"))
-    pixels, captions = load_train_pixels(cfg, 32)
-    x0, texts = pixels[:48], [c[0] for c in captions[:48]]
+    train = load_karpathy(shapes_world / "dataset_shapes.json", shapes_world / "images", "train")[:48]
+    x0, texts = load_pixels([r.path for r in train], 32), [r.captions[0] for r in train]
     trained = load_generator(mir_generator / "checkpoint-best", steps=4, guidance=2.0, size=64)
     conditioner = trained.conditioner  # the dense tower and the caption → layout encoder, as saved with the UNet
     assert conditioner.layout is not None and (mir_generator / "checkpoint-best" / LAYOUT_FILE).is_file()
@@ -73,6 +78,7 @@ def test_generator_training_resumes_exactly(mir_generator, shapes_world, dense_c
             "--dense_checkpoint", str(dense_checkpoint), "--output_dir", str(tmp_path / "g"), "--unet", json.dumps(TINY_UNET),
             "--batch_size", "16", "--lr", "2e-3", "--warmup_steps", "5", "--save_every", "20", "--eval_images", "4",
             "--sample_steps", "2", "--seed", "0"]
+    with_cached_helpers(tmp_path / "g", mir_generator)
     train_generator.main(args + ["--steps", "20"])
     # a 40-step run continues from checkpoint-last (step 20) instead of starting over
     train_generator.main(args + ["--steps", "40"])
@@ -95,7 +101,7 @@ def test_generator_without_scenes_is_refused_before_work(shapes_world, dense_che
     assert not (tmp_path / "g").exists()
 
 
-def test_generator_without_layout_reads_the_dense_tower_alone(shapes_world, dense_checkpoint, tmp_path):
+def test_generator_without_layout_reads_the_dense_tower_alone(mir_generator, shapes_world, dense_checkpoint, tmp_path):
     """`--layout false`: no layout channels, no layout file, and no scenes.json needed to train."""
     from mir import train_generator
     from tests.mir.conftest import TINY_UNET
@@ -103,6 +109,7 @@ def test_generator_without_layout_reads_the_dense_tower_alone(shapes_world, dens
     args = ["--data_json", str(shapes_world / "dataset_shapes.json"), "--image_root", str(shapes_world / "images"),
             "--dense_checkpoint", str(dense_checkpoint), "--output_dir", str(tmp_path / "g"), "--unet", json.dumps(TINY_UNET),
             "--steps", "4", "--batch_size", "8", "--eval_images", "4", "--sample_steps", "2", "--layout", "false"]
+    with_cached_helpers(tmp_path / "g", mir_generator, names=(READER_FILE,))
     train_generator.main(args)
     gen = load_generator(tmp_path / "g" / "checkpoint-best", steps=2, guidance=2.0, size=64)
     assert gen.conditioner.layout is None and gen.unet.layout_channels == 0

@@ -8,6 +8,7 @@ import torch
 from core.data import load_karpathy
 from core.shapes.make import load_scenes
 from core.shapes.world import Obj, Scene
+from mir.generator import PixelImages
 from mir.scene_reader import (COLOUR_CLASSES, READER_RESOLUTION, SHAPE_CLASSES, complete_caption,
                               load_or_train_reader, names_every_object, object_metrics, read_cells)
 from mir.train_generator import load_pixels
@@ -55,9 +56,9 @@ def test_reader_reads_real_heldout_images_and_is_cached(world_split, tmp_path):
     scenes, train, test = world_split
     loads = []
 
-    def train_pixels() -> torch.Tensor:
+    def train_pixels() -> PixelImages:  # opened per item by the reader's DataLoader, never all in memory
         loads.append(1)
-        return load_pixels([r.path for r in train], READER_RESOLUTION)
+        return PixelImages([r.path for r in train], READER_RESOLUTION)
 
     train_scenes = [scenes[r.imgid] for r in train]
     reader = load_or_train_reader(tmp_path / "reader.pt", train_pixels, train_scenes, seed=0, epochs=25, batch_size=32)

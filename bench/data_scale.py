@@ -339,7 +339,7 @@ def summary(measurements: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row = {"size": size,
                "encode_rss_mb": enc.get("peak_rss_mb"), "encode_img_s": enc.get("images_per_s"),
                "train_rss_mb": tr.get("peak_rss_mb"), "train_img_s": tr.get("images_per_s"),
-               "decode_img_s": decode_rate,
+               "decode_rss_mb": dec.get("peak_rss_mb"), "decode_img_s": decode_rate,
                "encode_rss_vs_smallest": _ratio(enc.get("peak_rss_mb"), base.get("encode")),
                "train_rss_vs_smallest": _ratio(tr.get("peak_rss_mb"), base.get("train")),
                "encode_vs_decode": _ratio(enc.get("images_per_s"), decode_rate),
@@ -375,10 +375,10 @@ def write_report(out_dir: Path, report: dict[str, Any]) -> None:
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The summary as the table docs/scale.md shows."""
     head = ["images", "encode peak RSS (MB)", "encode img/s", "train peak RSS (MB)", "train img/s",
-            "decode img/s", "encode RSS ÷ smallest", "train RSS ÷ smallest", "encode ÷ decode", "train ÷ decode",
+            "decode peak RSS (MB)", "decode img/s", "encode RSS ÷ smallest", "train RSS ÷ smallest", "encode ÷ decode", "train ÷ decode",
             "load (1 min)"]
-    keys = ["size", "encode_rss_mb", "encode_img_s", "train_rss_mb", "train_img_s", "decode_img_s",
-            "encode_rss_vs_smallest", "train_rss_vs_smallest", "encode_vs_decode", "train_vs_decode", "loadavg_mean"]
+    keys = ["size", "encode_rss_mb", "encode_img_s", "train_rss_mb", "train_img_s", "decode_rss_mb",
+            "decode_img_s", "encode_rss_vs_smallest", "train_rss_vs_smallest", "encode_vs_decode", "train_vs_decode", "loadavg_mean"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
     lines += ["| " + " | ".join("—" if r.get(k) is None else f"{r[k]:,}" if k == "size" else f"{r[k]:g}"
                                 for k in keys) + " |" for r in rows]
@@ -393,7 +393,7 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
 
     fig, (mem, rate) = plt.subplots(1, 2, figsize=(9, 3.5))
     sizes = [r["size"] for r in rows]
-    for key, label in (("encode_rss_mb", "encode"), ("train_rss_mb", "train")):
+    for key, label in (("encode_rss_mb", "encode"), ("train_rss_mb", "train"), ("decode_rss_mb", "decode only")):
         mem.plot(sizes, [r[key] or np.nan for r in rows], marker="o", label=label)
     if rows[0]["encode_rss_mb"]:
         mem.axhline(1.3 * rows[0]["encode_rss_mb"], color="grey", ls=":", label="1.3 × encode at smallest")

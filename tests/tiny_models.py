@@ -191,3 +191,22 @@ def save_tiny_sd_pipeline(folder: Path) -> Path:
                                    requires_safety_checker=False)
     pipe.save_pretrained(folder / "pipeline")
     return folder / "pipeline"
+
+
+def tiny_instructblip(vocab: int, seed: int = 0):
+    """A 1-layer InstructBLIP (ViT 32 px, Q-Former, Llama LM) with random weights."""
+    from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration
+
+    cfg = InstructBlipConfig(
+        vision_config={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
+                       "image_size": 32, "patch_size": 8},
+        qformer_config={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
+                        "vocab_size": vocab, "cross_attention_frequency": 1, "max_position_embeddings": 64},
+        text_config={"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                     "num_key_value_heads": 2, "intermediate_size": 64, "vocab_size": vocab,
+                     "max_position_embeddings": 64},
+        num_query_tokens=4)
+    import torch
+
+    torch.manual_seed(seed)
+    return InstructBlipForConditionalGeneration(cfg).eval()

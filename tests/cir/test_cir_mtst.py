@@ -12,6 +12,7 @@ from PIL import Image
 from cir import train_mtst
 from cir.data import load_cirr
 from cir.features import token_bank
+from tests.tiny_models import tiny_instructblip
 from core.modtext import build_word_tokenizer, from_instructblip, load_modification_generator
 
 
@@ -41,22 +42,6 @@ def test_generator_trains_and_reads_the_images(shapes_world, dense_checkpoint, t
     assert a == b and len(a) == 2 and all(isinstance(x, str) for x in a)
 
 
-def _tiny_instructblip(vocab: int):
-    from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration
-
-    cfg = InstructBlipConfig(
-        vision_config={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
-                       "image_size": 32, "patch_size": 8},
-        qformer_config={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
-                        "vocab_size": vocab, "cross_attention_frequency": 1, "max_position_embeddings": 64},
-        text_config={"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-                     "num_key_value_heads": 2, "intermediate_size": 64, "vocab_size": vocab,
-                     "max_position_embeddings": 64},
-        num_query_tokens=4)
-    torch.manual_seed(0)
-    return InstructBlipForConditionalGeneration(cfg).eval()
-
-
 def test_instructblip_code_path_tiny(tmp_path):
     """What real data runs (pretrained InstructBLIP parts), on a tiny random InstructBLIP: generate, save, reload."""
     from transformers import BlipImageProcessor
@@ -64,7 +49,7 @@ def test_instructblip_code_path_tiny(tmp_path):
     from cir.retriever import ComposedRetriever, retriever_from_instructblip
 
     tok = build_word_tokenizer(["make the circle red", "remove the star", "How to change from one image to the other image?"])
-    model = _tiny_instructblip(len(tok))
+    model = tiny_instructblip(len(tok))
     processor = BlipImageProcessor(size={"height": 32, "width": 32})
     gen = from_instructblip(model, processor, tok, tok).to("cpu")
     assert torch.equal(gen.query_tokens, model.query_tokens)

@@ -15,6 +15,7 @@ from cir.data import load_cirr
 from cir.features import LiveTokens, token_bank
 from core.data import LoaderOptions
 from core.errors import InputError
+from tests.tiny_models import tiny_instructblip
 from core.modtext import build_word_tokenizer, dense_image_tokens
 
 WORDS = ["make the circle red", "remove the star", "How to change from one image to the other image?"]
@@ -22,23 +23,6 @@ SPEC = {"qformer": {"num_hidden_layers": 1, "num_attention_heads": 2, "intermedi
                     "cross_attention_frequency": 1, "max_position_embeddings": 64},
         "num_query_tokens": 4, "embed_dim": 16, "max_text_length": 16}
 NO_WORKERS = LoaderOptions(num_workers=0)
-
-
-def tiny_instructblip(vocab: int, seed: int = 0):
-    """A 1-layer InstructBLIP (ViT 32 px, Q-Former, Llama LM) with random weights."""
-    from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration
-
-    cfg = InstructBlipConfig(
-        vision_config={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
-                       "image_size": 32, "patch_size": 8},
-        qformer_config={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
-                        "vocab_size": vocab, "cross_attention_frequency": 1, "max_position_embeddings": 64},
-        text_config={"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-                     "num_key_value_heads": 2, "intermediate_size": 64, "vocab_size": vocab,
-                     "max_position_embeddings": 64},
-        num_query_tokens=4)
-    torch.manual_seed(seed)
-    return InstructBlipForConditionalGeneration(cfg).eval()
 
 
 def save_tiny_instructblip(folder: Path, seed: int = 0) -> Path:

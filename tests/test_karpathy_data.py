@@ -5,7 +5,7 @@ import json
 import pytest
 from PIL import Image
 
-from core.data import caption_queries, load_karpathy
+from core.data import caption_queries, load_karpathy, load_karpathy_splits
 from core.errors import InputError
 
 
@@ -55,6 +55,12 @@ def test_coco_fixture_restval_joins_train_and_filepath_is_used(tmp_path):
     train = load_karpathy(path, tmp_path, "train")
     assert [r.split for r in train] == ["train", "restval"]
     assert train[1].path == tmp_path / "val2014" / "COCO_val2014_000000000001.jpg"
+
+
+def test_several_splits_from_one_parse_equal_each_split_alone(tmp_path):
+    path = _write_coco(tmp_path)
+    both = load_karpathy_splits(path, tmp_path, ["train", "test"])
+    assert both == {split: load_karpathy(path, tmp_path, split) for split in ("train", "test")}
 
 
 def test_missing_image_file_names_file_and_field(tmp_path):

@@ -20,7 +20,8 @@ import torch
 
 from core.checkpoint import read_meta
 from core.config import parse_config, save_config
-from core.data import ImageRecord, LoaderOptions, caption_queries, image_batches, load_karpathy, verify_images
+from core.data import (ImageRecord, LoaderOptions, caption_queries, image_batches, load_karpathy_splits,
+                       verify_images)
 from core.distributed import DistInfo, barrier, cleanup, init_distributed, shard_range
 from core.encoders import DualEncoder, load_dual_encoder
 from core.errors import InputError
@@ -42,7 +43,7 @@ class EncodeConfig(LoaderOptions):
 def main(argv: Sequence[str] | None = None) -> Path:
     cfg = parse_config(EncodeConfig, argv)
     read_meta(cfg.checkpoint, stage="dense")
-    records = {split: load_karpathy(cfg.data_json, cfg.image_root, split) for split in cfg.splits}
+    records = load_karpathy_splits(cfg.data_json, cfg.image_root, cfg.splits)
     if cfg.verify_images:
         verify_images([r.path for recs in records.values() for r in recs], cfg.data_json, cfg)
     dist = init_distributed()

@@ -19,8 +19,8 @@ from open_clip.loss import ClipLoss
 
 from core.checkpoint import BEST, LAST, BestTracker, read_meta, resume, save_checkpoint, unwrap
 from core.config import parse_config, save_config
-from core.data import (EpochBatchSampler, ImageCaptionPairs, ImageRecord, LoaderOptions, caption_queries, load_karpathy,
-                       make_loader, verify_images)
+from core.data import (EpochBatchSampler, ImageCaptionPairs, ImageRecord, LoaderOptions, caption_queries,
+                       load_karpathy_splits, make_loader, verify_images)
 from core.device import autocast, seed_everything
 from core.distributed import barrier, check_batch_divisible, cleanup, init_distributed, world_size_from_env, wrap_model
 from core.encoders import SHAPES_ENCODER, build_dual_encoder
@@ -71,8 +71,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     cfg = parse_config(TrainConfig, argv)
     out = Path(cfg.output_dir)
     _check_output_dir(out, cfg.resume)
-    train_records = load_karpathy(cfg.data_json, cfg.image_root, cfg.train_split)
-    val_records = load_karpathy(cfg.data_json, cfg.image_root, cfg.val_split)
+    splits = load_karpathy_splits(cfg.data_json, cfg.image_root, [cfg.train_split, cfg.val_split])
+    train_records, val_records = splits[cfg.train_split], splits[cfg.val_split]
     if cfg.max_val_images:
         val_records = val_records[:cfg.max_val_images]
     unknown = set(cfg.contrast_kinds) - set(CONTRAST_KINDS)

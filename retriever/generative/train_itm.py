@@ -23,7 +23,7 @@ import torch
 
 from core.checkpoint import BEST, LAST, BestTracker, read_meta, resume, save_checkpoint
 from core.config import parse_config
-from core.data import LoaderOptions, image_batches, load_karpathy, verify_images
+from core.data import LoaderOptions, image_batches, load_karpathy_splits, verify_images
 from core.device import autocast, seed_everything
 from core.distributed import (DistInfo, all_reduce_mean, barrier, broadcast_object, check_batch_divisible, cleanup,
                               init_distributed, rank_share, shard_range, world_size_from_env, wrap_model)
@@ -223,8 +223,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     check_batch_divisible(cfg.batch_size, world_size_from_env())
     out, emb_dir = Path(cfg.output_dir), Path(cfg.emb_dir)
     read_meta(cfg.dense_checkpoint, stage="dense")
-    train_recs = load_karpathy(cfg.data_json, cfg.image_root, "train")
-    val_recs = load_karpathy(cfg.data_json, cfg.image_root, "val")
+    splits = load_karpathy_splits(cfg.data_json, cfg.image_root, ["train", "val"])
+    train_recs, val_recs = splits["train"], splits["val"]
     text_ids, image_ids, negs = hard_negatives(emb_dir, "train", cfg.hard_k)
     if (out / BEST).is_dir() and not cfg.overwrite and read_meta(out / BEST, ITM_STAGE).get("done"):
         print(f"ITM already trained in {out} (--overwrite true to retrain)")

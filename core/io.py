@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
+import torch
 
 from core.errors import InputError
 
@@ -137,7 +138,9 @@ class EmbeddingWriter:
     """Rows written to disk as they are made: `{prefix}.npy` (float16, a memory-mapped .npy) + `{prefix}_ids.json`.
     Under torchrun each rank writes its own shard `{prefix}.rank{r}-of-{w}.npy` and rank 0 a manifest
     `{prefix}.shards.json`; `open_embeddings` reads either form back by memory map. Files appear under their
-    final names only when `close()` completes, so a killed run leaves nothing half-written."""
+    final names only when `close()` completes, so a killed run leaves nothing half-written; the manifest is removed
+    when writing starts and written only after every rank has closed its shard, so it never lists a shard from an
+    earlier run."""
 
     def __init__(self, prefix: str | Path, rows: int, dim: int, rank: int = 0, world_size: int = 1,
                  dtype: np.dtype = EMBEDDING_DTYPE):
@@ -148,6 +151,9 @@ class EmbeddingWriter:
         self.tmp = self.final.with_name(f".{self.final.name}.{os.getpid()}.tmp")
         self.matrix = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=dtype, shape=(rows, dim))
         self.filled = 0
+        if rank == 0:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(_manifest_path(self.prefix))
 
     def write(self, block: np.ndarray) -> None:
         end = self.filled + len(block)
@@ -164,6 +170,7 @@ class EmbeddingWriter:
         del self.matrix
         os.replace(self.tmp, self.final)
         atomic_write_json(_ids_path(self.prefix, self.shard), list(ids), indent=None)
+        _wait_for_every_rank(self.world_size)
         if self.rank == 0:
             manifest = {"shards": [_npy(self.prefix, _shard_tag(r, self.world_size) if self.world_size > 1 else "").name
                                    for r in range(self.world_size)], "made_by": made_by or {}}
@@ -172,6 +179,11 @@ class EmbeddingWriter:
     def abort(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.tmp)
+
+
+def _wait_for_every_rank(world_size: int) -> None:
+    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 def save_embeddings(prefix: str | Path, matrix: np.ndarray, ids: Sequence, made_by: dict | None = None) -> None:

@@ -111,6 +111,17 @@ def test_rank_shards_read_back_as_one_matrix_without_joining(tmp_path):
     np.testing.assert_array_equal(np.concatenate(list(view.blocks(rows=3))), x)
 
 
+def test_a_rewrite_unlists_the_earlier_shards_until_every_rank_has_closed(tmp_path):
+    x = np.ones((4, 4), np.float32)
+    for rank in (0, 1):
+        writer = EmbeddingWriter(tmp_path / "e", 2, 4, rank, 2)
+        writer.write(x[:2])
+        writer.close([rank * 2, rank * 2 + 1], made_by={"model": "old"})
+    EmbeddingWriter(tmp_path / "e", 2, 4, 0, 2)  # a new run starts writing
+    with pytest.raises(InputError, match="embedding file not found"):
+        open_embeddings(tmp_path / "e")
+
+
 def test_unfinished_shard_is_never_read(tmp_path):
     writer = EmbeddingWriter(tmp_path / "e", 5, 4)
     writer.write(np.zeros((2, 4), np.float32))

@@ -7,7 +7,6 @@ and a plot of search rate against corpus size. Figures only, no assertion.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -113,6 +114,36 @@ def read_jsonl(path: str | Path, required: Sequence[str] = ()) -> list[dict]:
                 raise InputError(path, f"line {lineno}: {key}", "required field is missing")
         rows.append(row)
     return rows
+
+
+# What made a file, a cache or a checkpoint is recorded as short content digests; these are the only ones.
+DIGEST_CHARS = 16
+
+
+def file_digest(path: str | Path, chars: int = DIGEST_CHARS) -> str:
+    """sha256 of a file's bytes, read in blocks so a multi-GB checkpoint never sits in memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()[:chars]
+
+
+def json_digest(obj: Any, chars: int = DIGEST_CHARS) -> str:
+    """sha256 of an object's canonical JSON (sorted keys; anything JSON lacks as its str)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:chars]
+
+
+def state_dict_digest(module: torch.nn.Module, chars: int | None = None) -> str:
+    """sha256 of a module's tensors (names, dtypes, shapes and raw bytes, bfloat16 included), independent of how
+    or whether the weights were ever saved."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        if t.numel():
+            digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:chars]
 
 
 EMBEDDING_DTYPE = np.float16  # half the disk and page cache of float32; recall is unchanged at 4 decimal places

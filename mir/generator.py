@@ -27,6 +27,7 @@ from core.data import open_image
 from core.device import autocast, get_device, pretrained_dtype_kwargs
 from core.encoders import DualEncoder, load_dual_encoder
 from core.errors import InputError
+from core.io import file_digest, json_digest
 from core.shapes.world import GRID
 from mir.layout import LAYOUT_CHANNELS, LAYOUT_FILE, LayoutEncoder, layout_tokens, load_layout_encoder
 
@@ -176,14 +177,6 @@ def build_unet(spec: dict[str, Any] | None, cond_dim: int, layout_channels: int 
     return PatchUNet(resolution, patch, spec, layout_channels)
 
 
-def weights_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 def noise_for(seeds: Sequence[int], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """One initial latent per seed from its own torch.Generator: an item's image never depends on its batch."""
     out = []
@@ -325,9 +318,9 @@ def load_shapes_generator(folder: str | Path, steps: int = 20, guidance: float =
     conditioner = TextConditioner(encoder, layout)
     unet = build_unet(spec["unet"], encoder.embed_dim, conditioner.layout_channels)
     unet.load_state_dict(torch.load(folder / "model.pt", map_location="cpu", weights_only=True))
-    model_id = f"shapes-unet:{weights_digest(folder / 'model.pt')}"
+    model_id = f"shapes-unet:{file_digest(folder / 'model.pt')}"
     if layout is not None:
-        model_id += f"+layout:{weights_digest(folder / LAYOUT_FILE)}"
+        model_id += f"+layout:{file_digest(folder / LAYOUT_FILE)}"
     return ShapesGenerator(unet, spec["scheduler"], conditioner, model_id, steps, guidance, size, device, batch_size)
 
 
@@ -343,8 +336,7 @@ def write_generator_files(folder: Path, unet_spec: dict[str, Any], scheduler_spe
 
 
 def image_key(model_id: str, prompt: str, seed: int, steps: int, guidance: float, size: int) -> str:
-    payload = json.dumps([model_id, prompt, int(seed), int(steps), float(guidance), int(size)])
-    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+    return json_digest([model_id, prompt, int(seed), int(steps), float(guidance), int(size)], chars=20)
 
 
 class ImageCache:

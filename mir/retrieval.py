@@ -8,7 +8,6 @@ checkpoint or corpus never reuses a stale one. The cache is read back by memory 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Sequence
@@ -21,8 +20,8 @@ from core.data import LoaderOptions, image_batches
 from core.device import autocast, get_device
 from core.encoders import load_dual_encoder
 from core.errors import InputError
-from core.io import EmbeddingWriter, embeddings_made_by, open_embeddings
-from mir.generator import context_length, token_count, weights_digest
+from core.io import EmbeddingWriter, embeddings_made_by, file_digest, json_digest, open_embeddings
+from mir.generator import context_length, token_count
 
 SCORE_BLOCK = 8192  # corpus rows scored at once: a float32 copy of one block (16 MB at 512-d), never of the corpus
 
@@ -31,7 +30,7 @@ def retriever_id(checkpoint: Path) -> str:
     """The dense checkpoint's identity: the hash of its fine-tuned weights, or for a folder that only names a
     pretrained tower (no model.pt) the name and tag it loads."""
     if (checkpoint / "model.pt").is_file():
-        return f"dense:{weights_digest(checkpoint / 'model.pt')}"
+        return f"dense:{file_digest(checkpoint / 'model.pt')}"
     spec_path = checkpoint / "encoder.json"
     if not spec_path.is_file():
         raise InputError(spec_path, None, "not a dual-encoder folder (encoder.json is missing)")
@@ -60,12 +59,11 @@ class DenseSearcher:
         self.corpus = self._device_corpus(self._corpus_embeddings(list(corpus_paths)))
 
     def corpus_key(self) -> str:
-        payload = json.dumps([self.model_id, repr(self.encoder.preprocess), self.ids])
-        return hashlib.sha256(payload.encode()).hexdigest()[:20]
+        return json_digest([self.model_id, repr(self.encoder.preprocess), self.ids])
 
     def made_by(self) -> dict:
         """What the cached corpus embeddings depend on, stored in their manifest."""
-        corpus = hashlib.sha256(json.dumps(self.ids).encode()).hexdigest()[:20]
+        corpus = json_digest(self.ids)
         return {"model": self.model_id, "preprocessing": repr(self.encoder.preprocess), "corpus": corpus,
                 "corpus_size": len(self.ids)}
 

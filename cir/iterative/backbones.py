@@ -23,7 +23,7 @@ from cir.iterative.data import SINGLE, Corpus, ImageSource, describe_transform, 
 from core.device import get_device, pretrained_dtype_kwargs
 from core.distributed import DistInfo
 from core.errors import InputError
-from core.io import atomic_write_json
+from core.io import atomic_write_json, state_dict_digest
 
 MODEL_BACKBONES = ("composed_retriever", "qwen2_vl")
 SPEC_FILE = "iterative_backbone.json"
@@ -84,14 +84,7 @@ class ComposedRetrieverBackbone(EmbeddingBackbone):
 
     def prepared_key(self) -> str:
         # Cached tokens are reused across rounds only if the frozen image encoder really is the same.
-        import hashlib
-
-        digest = hashlib.sha256()
-        for name, tensor in sorted(self.retriever.image_encoder.state_dict().items()):
-            digest.update(name.encode())
-            # the raw bytes, whatever the dtype (numpy has no bfloat16)
-            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        return digest.hexdigest()[:16] + ("-tokens" if self.cache_tokens else "-pixels")
+        return state_dict_digest(self.retriever.image_encoder, 16) + ("-tokens" if self.cache_tokens else "-pixels")
 
     def _tokens(self, images: torch.Tensor) -> torch.Tensor:
         """Image tokens of a prepared batch: the cached tokens [B, T, D], or the live encoder's on pixels."""

@@ -13,8 +13,9 @@ from PIL import Image
 
 from core.device import get_device
 from core.errors import InputError
+from core.io import json_digest
 from core.vlm import ChatVLM, side_by_side
-from cir.iterative.manifest import hash_json, hash_model_source
+from cir.iterative.manifest import hash_model_source
 
 FOUNDATION_BACKBONES = ("mtst", "qwen2_vl", "llava")
 
@@ -127,7 +128,7 @@ def foundation_settings(backbone: str, path: str, max_new_tokens: int, num_beams
     """What the generated texts depend on (the manifest's generator entry), known without loading the model."""
     prompt = {"qwen2_vl": [PAIR_PROMPT, QWEN_LAYOUT], "llava": [PAIR_PROMPT, LLAVA_LAYOUT]}.get(backbone)
     return {"backbone": backbone, "model": hash_model_source(path), "max_new_tokens": max_new_tokens,
-            "num_beams": num_beams, "do_sample": do_sample, "prompt": hash_json(prompt) if prompt else None}
+            "num_beams": num_beams, "do_sample": do_sample, "prompt": json_digest(prompt) if prompt else None}
 
 
 def load_foundation_model(backbone: str, path: str, device: torch.device | None = None, max_new_tokens: int = 24,

@@ -11,21 +11,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from core.config import config_to_dict
+from core.io import file_digest, json_digest
 
 # Folder hashes are expensive for multi-GB checkpoints; a folder is hashed once per process and key (size, mtime).
 _FOLDER_CACHE: dict[tuple, str] = {}
-
-
-def hash_json(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def hash_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def hash_folder(folder: str | Path, skip: Iterable[str] = ("meta.json", "manifest.json")) -> str:
@@ -38,7 +27,7 @@ def hash_folder(folder: str | Path, skip: Iterable[str] = ("meta.json", "manifes
         digest = hashlib.sha256()
         for p in files:
             digest.update(str(p.relative_to(folder)).encode())
-            digest.update(hash_file(p).encode())
+            digest.update(file_digest(p).encode())
         _FOLDER_CACHE[key] = digest.hexdigest()[:16]
     return _FOLDER_CACHE[key]
 
@@ -50,7 +39,7 @@ def hash_model_source(path: str) -> str:
 
 def config_hash(cfg: Any, fields: Iterable[str]) -> str:
     values = config_to_dict(cfg)
-    return hash_json({k: values[k] for k in fields})
+    return json_digest({k: values[k] for k in fields})
 
 
 def read_cached(path: str | Path, manifest: dict[str, Any]) -> Any | None:

@@ -37,7 +37,7 @@ from core.device import seed_everything
 from core.distributed import (DistInfo, barrier, broadcast_object, check_batch_divisible, cleanup, init_distributed,
                               world_size_from_env)
 from core.errors import InputError
-from core.io import atomic_dir, atomic_write_json, read_json
+from core.io import atomic_dir, atomic_write_json, file_digest, json_digest, read_json
 from core.logging import Tracker, format_table, write_metrics
 
 log = logging.getLogger("cir.iterative")
@@ -141,7 +141,7 @@ class RoundLoop:
         self.val_gallery = sorted(val_paths)
         self.corpus = Corpus({**train_paths, **val_paths}, listed_in, cache_dir=exp / CACHE_DIR,
                              name=f"{cfg.train_split}-{cfg.val_split}", options=cfg)
-        self.data_hash = manifest.hash_json({"train": [(t.pairid, t.reference, t.caption, t.target) for t in self.train_triplets],
+        self.data_hash = json_digest({"train": [(t.pairid, t.reference, t.caption, t.target) for t in self.train_triplets],
                                              "gallery": self.train_gallery})
         self.model: EmbeddingBackbone | None = None
         self.model_round: int | None = None
@@ -192,7 +192,7 @@ class RoundLoop:
         cfg = self.cfg
         path = self.exp / f"augmented_samples_iter_{n}.json"
         expected = self.on_main(lambda: {
-            "round": n, "hard_negatives": manifest.hash_file(hn_path),
+            "round": n, "hard_negatives": file_digest(hn_path),
             "generator": foundation_settings(cfg.foundation_model_backbone, cfg.foundation_model_path,
                                              cfg.max_new_tokens, cfg.num_beams, cfg.do_sample),
             "config": manifest.config_hash(cfg, GENERATION_FIELDS)})
@@ -233,8 +233,8 @@ class RoundLoop:
         cfg, folder = self.cfg, checkpoint_dir(self.exp, n)
         rounds = range(1, n + 1) if cfg.accumulate_augmented else [n]
         expected = self.on_main(lambda: {
-            "round": n, "init": self.model_hash(n - 1), "hard_negatives": manifest.hash_file(hn_path),
-            "augmented": [manifest.hash_file(self.exp / f"augmented_samples_iter_{r}.json") for r in rounds],
+            "round": n, "init": self.model_hash(n - 1), "hard_negatives": file_digest(hn_path),
+            "augmented": [file_digest(self.exp / f"augmented_samples_iter_{r}.json") for r in rounds],
             "config": manifest.config_hash(cfg, TRAINING_FIELDS)})
         stored = self.on_main(lambda: read_json(folder / ROUND_FILE)
                               if reuse and (folder / ROUND_FILE).is_file() else None)

@@ -32,7 +32,6 @@ from cir.iterative.sharding import gather_share_rows, padded_share, share_bounds
 from core.checkpoint import LAST, BestTracker, read_meta, resume, save_checkpoint
 from core.device import autocast
 from core.distributed import DistInfo, all_reduce_mean, barrier, broadcast_object, wrap_model
-from core.logging import progress
 
 logger = logging.getLogger("cir.iterative")
 ROUND_STAGE = "cir-iterative-round"   # stage name of the in-round checkpoint-last/

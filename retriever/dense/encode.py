@@ -9,23 +9,19 @@ embeddings were made by the same model, preprocessing and image list is kept, no
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from core.checkpoint import read_meta
 from core.config import parse_config, save_config
-from core.data import (ImageRecord, LoaderOptions, caption_queries, image_batches, load_karpathy_splits,
-                       verify_images)
+from core.data import ImageRecord, LoaderOptions, caption_queries, image_batches, load_karpathy_splits, verify_images
 from core.distributed import DistInfo, barrier, cleanup, init_distributed, shard_range
 from core.encoders import DualEncoder, load_dual_encoder
 from core.errors import InputError
-from core.io import EmbeddingWriter, embeddings_made_by, open_embeddings
+from core.io import EmbeddingWriter, embeddings_made_by, file_digest, json_digest, open_embeddings
 from retriever.dense.common import embed_image_batches, encode_texts
 
 
@@ -52,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     model_id = _weights_digest(Path(cfg.checkpoint))
     for split, recs in records.items():
         made_by = {"model": model_id, "preprocess": repr(model.preprocess),
-                   "images": _list_digest([str(r.path) for r in recs])}
+                   "images": json_digest([str(r.path) for r in recs])}
         keep = _current(out / f"image_{split}", made_by)
         barrier(dist)  # every rank decides before any rank writes this split
         if keep:
@@ -105,20 +101,9 @@ def _current(prefix: Path, made_by: dict) -> bool:
 
 
 def _weights_digest(folder: Path) -> str:
-    """A hash of the checkpoint's weights file (or of its spec, for a named pretrained model without one)."""
-    h = hashlib.sha256()
+    """The checkpoint's weights file (or its spec, for a named pretrained model without one)."""
     weights = folder / "model.pt"
-    if weights.is_file():
-        with open(weights, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-    else:
-        h.update((folder / "encoder.json").read_bytes())
-    return h.hexdigest()[:20]
-
-
-def _list_digest(items: Sequence[str]) -> str:
-    return hashlib.sha256(json.dumps(list(items)).encode()).hexdigest()[:20]
+    return file_digest(weights if weights.is_file() else folder / "encoder.json")
 
 
 if __name__ == "__main__":

@@ -12,8 +12,6 @@ share of every global batch (DDP), rank 0 validates and writes.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -29,8 +27,8 @@ from core.distributed import (DistInfo, all_reduce_mean, barrier, broadcast_obje
                               init_distributed, rank_share, shard_range, world_size_from_env, wrap_model)
 from core.encoders import load_dual_encoder
 from core.errors import InputError
-from core.io import (EmbeddingWriter, ShardedRows, atomic_write_json, embeddings_made_by, load_embeddings,
-                     open_embeddings)
+from core.io import (EmbeddingWriter, ShardedRows, atomic_write_json, embeddings_made_by, file_digest, json_digest,
+                     load_embeddings, open_embeddings)
 from core.logging import Tracker, progress, write_metrics
 from core.metrics import recall_from_rankings
 from retriever.generative.itm import ITM_STAGE, DenseTokenFeatures, ITMSpec, ShapesITM, itm_loss, save_itm_files
@@ -169,17 +167,6 @@ def _rng_kept() -> Iterator[None]:
         torch.set_rng_state(state)
 
 
-def _digest(data: bytes | Path) -> str:
-    h = hashlib.sha256()
-    if isinstance(data, Path):
-        with open(data, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-    else:
-        h.update(data)
-    return h.hexdigest()[:20]
-
-
 @dataclass
 class ValQueries:
     """The validation queries and their dense top-`depth` candidates (fixed by the seed), loaded once."""
@@ -250,9 +237,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     shape = token_shape(feats, device)
     weights = Path(cfg.dense_checkpoint) / "model.pt"
     weights = weights if weights.is_file() else weights.with_name("encoder.json")  # a named model without weights
-    made_by = {"kind": "itm image tokens", "encoder": _digest(weights), "preprocess": repr(encoder.preprocess),
+    made_by = {"kind": "itm image tokens", "encoder": file_digest(weights), "preprocess": repr(encoder.preprocess),
                "pool": cfg.pool, "shape": list(shape)}
-    listing = lambda paths: {**made_by, "images": _digest(json.dumps(list(map(str, paths))).encode())}  # noqa: E731
+    listing = lambda paths: {**made_by, "images": json_digest(list(map(str, paths)))}  # noqa: E731
     with _rng_kept():
         train_cache = image_token_cache(out / "cache" / "image_tokens_train", train_paths, image_ids, feats,
                                         listing(train_paths), cfg, dist)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,9 +34,9 @@ from torch import nn
 
 from core.data import open_image
 from core.device import autocast
-from core.encoders import DualEncoder, SHAPES_ENCODER, build_dual_encoder, load_dual_encoder, require_vit_image_tower
+from core.encoders import SHAPES_ENCODER, DualEncoder, build_dual_encoder, load_dual_encoder, require_vit_image_tower
 from core.errors import InputError
-from core.io import atomic_dir, atomic_write_json, read_json
+from core.io import atomic_dir, atomic_write_json, read_json, state_dict_digest
 
 STAGE = "ret"
 CONFIG_FILE = "retriever.json"
@@ -135,17 +134,6 @@ def is_pretrained_spec(spec: dict) -> bool:
     return "pretrained_name" in spec
 
 
-def weights_sha256(module: nn.Module) -> str:
-    """A hash of a module's state dict that does not depend on how it was saved (file format, archive names)."""
-    h = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
-
-
 class FrozenTowers(nn.Module):
     """An open_clip CLIP (core.encoders.DualEncoder) whose per-layer tokens the cells read; never trained."""
 
@@ -165,7 +153,7 @@ class FrozenTowers(nn.Module):
         """sha256 of the towers' weights (names, dtypes, shapes, values): what a checkpoint or a token cache names
         them by. Computed once (a ViT-L/14 takes seconds); the towers never change."""
         if self._fingerprint is None:
-            self._fingerprint = weights_sha256(self.encoder)
+            self._fingerprint = state_dict_digest(self.encoder)
         return self._fingerprint
 
     @property

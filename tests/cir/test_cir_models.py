@@ -2,7 +2,6 @@
 uses; short training beats chance; folders reload; the real-model code paths run with tiny random InstructBLIPs."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image

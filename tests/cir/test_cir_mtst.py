@@ -2,10 +2,7 @@
 clearly below the loss on mismatched pairs); folders reload; the real InstructBLIP code path runs at a tiny size."""
 from __future__ import annotations
 
-import json
 
-import numpy as np
-import pytest
 import torch
 from PIL import Image
 

@@ -37,11 +37,11 @@ def weights_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def pretrained_dtype_kwargs(device: torch.device, library: str = "transformers") -> dict[str, torch.dtype]:
-    """The keyword that sets the load dtype of `from_pretrained`: `dtype` in transformers v5, `torch_dtype` in
-    diffusers. Every hub model the project loads passes it, so none loads in a library's default."""
-    key = {"transformers": "dtype", "diffusers": "torch_dtype"}[library]
-    return {key: weights_dtype(device)}
+def pretrained_dtype_kwargs(device: torch.device) -> dict[str, torch.dtype]:
+    """The keyword that sets the load dtype of `from_pretrained` (`dtype` in transformers v5 and diffusers 0.42;
+    both deprecate `torch_dtype`). Every hub model the project loads passes it, so none loads in a library's
+    default."""
+    return {"dtype": weights_dtype(device)}
 
 
 def seed_everything(seed: int) -> None:

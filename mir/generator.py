@@ -272,9 +272,9 @@ class DiffusersGenerator:
         from diffusers import AutoPipelineForText2Image
 
         self.device = device or get_device()
-        # diffusers names the load dtype `torch_dtype`; bf16 on CUDA, fp32 on CPU (core.device)
+        # bf16 on CUDA, fp32 on CPU (core.device)
         self.pipe = pipeline if pipeline is not None else AutoPipelineForText2Image.from_pretrained(
-            name_or_path, **pretrained_dtype_kwargs(self.device, "diffusers"))
+            name_or_path, **pretrained_dtype_kwargs(self.device))
         self.pipe = self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         self.model_id, self.steps, self.guidance, self.size, self.batch_size = name_or_path, steps, guidance, size, batch_size

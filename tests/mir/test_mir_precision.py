@@ -1,5 +1,5 @@
-"""Every hub model the MIR stage loads gets its load dtype from core.device, under its library's keyword:
-diffusers' `torch_dtype`, transformers' `dtype` (bf16 for a GPU, fp32 on the CPU). The loaders are replaced by
+"""Every hub model the MIR stage loads gets its load dtype from core.device, as `dtype` (the keyword of
+transformers v5 and diffusers 0.42; bf16 for a GPU, fp32 on the CPU). The loaders are replaced by
 recorders, so no weights are read."""
 from __future__ import annotations
 
@@ -51,4 +51,4 @@ def test_hub_loads_pass_their_librarys_dtype_keyword(device, dtype, monkeypatch)
     DiffusersGenerator("org/tiny-sd", device=device)
     LLMRefiner("org/tiny-lm", tokenizer=object(), device=device)
     ChatVLM.from_pretrained("org/tiny-vlm", device=device)
-    assert calls == {"diffusers": [{"torch_dtype": dtype}], "causal": [{"dtype": dtype}], "vlm": [{"dtype": dtype}]}
+    assert calls == {"diffusers": [{"dtype": dtype}], "causal": [{"dtype": dtype}], "vlm": [{"dtype": dtype}]}

@@ -12,6 +12,6 @@ if [ -f "$EMB_DIR/image_test.npy" ] && [ -f "$EMB_DIR/text_train_ids.json" ]; th
   echo "prepare_emb: using $EMB_DIR"
   exit 0
 fi
-"$PYTHON" -m retriever.dense.encode --checkpoint "$RUN_DIR/dense/checkpoint-best" \
+launch retriever.dense.encode --checkpoint "$RUN_DIR/dense/checkpoint-best" \
   --data_json "$DATA_DIR/dataset_shapes.json" --image_root "$DATA_DIR/images" \
   --output_dir "$EMB_DIR" --splits train,val,test "$@"

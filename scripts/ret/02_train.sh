@@ -11,7 +11,7 @@ MAX_STEPS=$(fast_or 20 100)
 BATCH_SIZE=64
 LR=1e-3
 
-"$PYTHON" -m retriever.ret.train --config configs/ret/shapes.yaml --encoder "$RUN_DIR/dense/checkpoint-best" \
+launch retriever.ret.train --config configs/ret/shapes.yaml --encoder "$RUN_DIR/dense/checkpoint-best" \
   --queries_file "$DATA_DIR/m2kr/shapes_{split}.jsonl" --passages_file "$DATA_DIR/m2kr/shapes_passages_{split}.jsonl" \
   --image_root "$DATA_DIR" --cache_dir "$RUN_DIR/ret/cache" --output_dir "$RUN_DIR/ret" \
   --variants "$VARIANTS" --epochs "$EPOCHS" --max_steps "$MAX_STEPS" --batch_size "$BATCH_SIZE" --lr "$LR" \

@@ -1,6 +1,10 @@
 """Retrieval metrics shared by every stage: Recall@K from rankings, text→image with several captions per
 image (each caption a query, the standard Flickr30K/COCO protocol) and image→text (a hit if any of the
-image's captions is in the top K). All figures are percentages."""
+image's captions is in the top K). All figures are percentages.
+
+Ties never favour the target. Recall from scores is its expectation over a random order of tied items, so a model
+that scores everything the same gets chance (k / N), never 100 %; an integer rank (`rank_counting_ties`) counts every
+tied item as ranked above the target. With distinct scores both equal the usual strict count."""
 from __future__ import annotations
 
 from typing import Hashable, Iterable, Sequence
@@ -28,28 +32,48 @@ def first_positive_rank(ranked: Sequence[Hashable], positives: Iterable[Hashable
     return float("inf")
 
 
+def hit_probability(above: np.ndarray, tied: np.ndarray, k: int, positives_tied: np.ndarray | int = 1) -> np.ndarray:
+    """Chance that one of `positives_tied` positives is in the top `k` when `above` items score higher and the
+    positives share their score with `tied` other items, in a random order: 1 - C(tied, s) / C(tied + p, s) for the
+    s = k - above places left (s / (tied + 1) for one positive)."""
+    above, tied = np.asarray(above, dtype=np.int64), np.asarray(tied, dtype=np.int64)
+    p = np.broadcast_to(np.asarray(positives_tied, dtype=np.int64), above.shape)
+    slots = np.clip(k - above, 0, None)
+    miss = np.ones(above.shape, dtype=np.float64)  # chance that every one of the first `slots` tied places is a negative
+    for i in range(int(slots.max(initial=0))):
+        step = i < slots
+        miss = np.where(step, miss * np.clip(tied - i, 0, None) / np.maximum(tied + p - i, 1), miss)
+    return 1.0 - miss
+
+
+def rank_counting_ties(scores: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """0-based rank of each row's target score: every other item scoring at least as high is counted above it."""
+    scores, target = np.asarray(scores), np.asarray(target)
+    return (scores >= target[..., None]).sum(axis=-1) - 1
+
+
 def t2i_recall(similarity: np.ndarray, caption_to_image: Sequence[int], ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
     """similarity: [n_captions, n_images]; caption_to_image[i] is the column of caption i's image."""
-    caption_to_image = np.asarray(caption_to_image)
-    target = similarity[np.arange(len(similarity)), caption_to_image]
-    # rank = number of images scored strictly higher than the target (ties favour the target, as argsort does not
-    # guarantee an order; strict comparison is the convention of the CLIP evaluation code)
-    rank = (similarity > target[:, None]).sum(axis=1)
-    return {f"R@{k}": float(100.0 * np.mean(rank < k)) for k in ks}
+    similarity, caption_to_image = np.asarray(similarity), np.asarray(caption_to_image)
+    target = similarity[np.arange(len(similarity)), caption_to_image][:, None]
+    above, tied = (similarity > target).sum(axis=1), (similarity == target).sum(axis=1) - 1
+    return {f"R@{k}": float(100.0 * np.mean(hit_probability(above, tied, k))) for k in ks}
 
 
 def i2t_recall(similarity: np.ndarray, caption_to_image: Sequence[int], ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
     """similarity: [n_images, n_captions]; an image is a hit at k if any of its captions ranks below k."""
-    caption_to_image = np.asarray(caption_to_image)
+    similarity, caption_to_image = np.asarray(similarity), np.asarray(caption_to_image)
     n_images = similarity.shape[0]
-    best_rank = np.full(n_images, np.inf)
+    above, tied, own_tied = (np.zeros(n_images, dtype=np.int64) for _ in range(3))
     for img in range(n_images):
-        own = np.flatnonzero(caption_to_image == img)
-        if len(own) == 0:
+        own = caption_to_image == img
+        if not own.any():
             raise ValueError(f"image column {img} has no caption")
         best_own = similarity[img, own].max()
-        best_rank[img] = (similarity[img] > best_own).sum()
-    return {f"R@{k}": float(100.0 * np.mean(best_rank < k)) for k in ks}
+        above[img] = (similarity[img] > best_own).sum()
+        own_tied[img] = (similarity[img, own] == best_own).sum()
+        tied[img] = (similarity[img] == best_own).sum() - own_tied[img]
+    return {f"R@{k}": float(100.0 * np.mean(hit_probability(above, tied, k, own_tied))) for k in ks}
 
 
 def mean_recall(metrics: dict[str, float]) -> float:

@@ -124,11 +124,12 @@ class DenseSearcher:
                          dim=1)
 
     def rank(self, queries: np.ndarray, targets: Sequence[str], topk: int = 10) -> tuple[list[int], list[list[str]]]:
-        """0-based rank of each query's target (corpus items scored strictly higher) and the top-k ids."""
+        """0-based rank of each query's target (every other corpus item scored at least as high is above it, so a
+        tie never finds a target) and the top-k ids."""
         sim = self.similarities(queries)
         idx = torch.tensor([self.index_of[t] for t in targets], device=sim.device)
         target_sim = sim.gather(1, idx[:, None])
-        ranks = (sim > target_sim).sum(1).tolist()
+        ranks = ((sim >= target_sim).sum(1) - 1).tolist()
         top = sim.topk(min(topk, sim.shape[1]), dim=1).indices.tolist()
         return [int(r) for r in ranks], [[self.ids[j] for j in row] for row in top]
 

@@ -40,6 +40,7 @@ from core.encoders import load_dual_encoder
 from core.errors import InputError
 from core.io import save_figure
 from core.logging import LossSpikeWatch, Tracker, progress, write_metrics
+from core.metrics import rank_counting_ties, t2i_recall
 from core.results import update_summary
 from core.shapes.make import SCENES_FILE, load_scenes
 from core.shapes.world import Scene
@@ -288,9 +289,8 @@ def evaluate_generator(cfg: TrainGeneratorConfig, folder: Path, encoder: Any, de
     real = _encode_paths(cfg, encoder, [r.path for r in records], device)
     fake = _encode_images(encoder, fakes, device)
     sim = fake @ real.T
-    target = sim[np.arange(len(queries)), np.arange(len(queries))]
-    rank = (sim > target[:, None]).sum(1)
-    metrics = {f"R@{k}": float(100 * np.mean(rank < k)) for k in (1, 5, 10)}
+    metrics = t2i_recall(sim, np.arange(len(queries)))  # a generated image is the query, its real image the target
+    rank = rank_counting_ties(sim, sim[np.arange(len(queries)), np.arange(len(queries))])
     metrics.update({"chance R@10": 100 * min(10, len(records)) / len(records), "N": len(queries),
                     "corpus": len(records), "mean log rank": float(np.mean(np.log1p(rank)))})
     save_sample_sheet(folder.parent / "samples.png", [r.captions[0] for r in queries[:12]], fakes[:12],

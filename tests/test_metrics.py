@@ -1,7 +1,9 @@
+from math import comb
+
 import numpy as np
 import pytest
 
-from core.metrics import i2t_recall, recall_from_rankings, t2i_recall
+from core.metrics import i2t_recall, rank_counting_ties, recall_from_rankings, t2i_recall
 
 
 def test_recall_from_rankings_hand_computed():
@@ -28,3 +30,25 @@ def test_i2t_hit_if_any_caption_in_top_k():
                     [0.0, 0.1, 0.2, 0.9]])
     owner = [0, 0, 1, 1]
     assert i2t_recall(sim, owner, ks=(1, 2)) == {"R@1": 50.0, "R@2": 100.0}
+
+
+def test_a_constant_score_model_scores_chance_not_a_hit():
+    assert t2i_recall(np.zeros((30, 20)), np.arange(30) % 20) == pytest.approx({"R@1": 5.0, "R@5": 25.0, "R@10": 50.0})
+    # 4 images, 3 captions each: P(one of the 3 own captions among the first k of 12 in a random order)
+    chance = {f"R@{k}": 100 * (1 - comb(9, k) / comb(12, k)) for k in (1, 5, 10)}
+    assert i2t_recall(np.zeros((4, 12)), np.arange(12) // 3) == pytest.approx(chance)
+
+
+def test_a_tie_is_shared_with_the_tied_images_by_a_random_order():
+    # the target ties with two others and one image is above: ranks 1-3 are equally likely
+    sim = np.array([[0.9, 0.5, 0.5, 0.5, 0.1]])
+    assert t2i_recall(sim, [1], ks=(1, 2, 3, 4)) == pytest.approx({"R@1": 0.0, "R@2": 100 / 3, "R@3": 200 / 3,
+                                                                   "R@4": 100.0})
+    mean_over_orders = np.mean([np.argsort(-sim[0] + 1e-9 * rng_order)[:2].tolist().count(1)
+                                for rng_order in (np.random.default_rng(s).permutation(5) for s in range(3000))])
+    assert mean_over_orders == pytest.approx(1 / 3, abs=0.03)
+
+
+def test_an_integer_rank_counts_every_tie_above_the_target():
+    assert rank_counting_ties(np.array([0.2, 0.7, 0.7, 0.1]), np.float64(0.7)) == 1
+    assert rank_counting_ties(np.zeros((2, 6)), np.zeros(2)).tolist() == [5, 5]

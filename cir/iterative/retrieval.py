@@ -16,6 +16,7 @@ from cir.iterative.sharding import gather_share_rows, padded_share
 from core.device import autocast
 from core.distributed import DistInfo
 from core.logging import progress
+from core.metrics import rank_counting_ties
 
 
 def _device_of(backbone: EmbeddingBackbone) -> torch.device:
@@ -78,7 +79,7 @@ def mine_hard_negatives(backbone: EmbeddingBackbone, corpus: Corpus, triplets: S
     for i, t in enumerate(progress(triplets, desc="mining hard negatives", enabled=info.is_main)):
         row = scores[i]
         target_score = row[column[t.target]]
-        rank = int((row > target_score).sum())  # strict: a tie does not push the target down (core.metrics convention)
+        rank = int(rank_counting_ties(row, target_score))  # a target tied with another image is not ranked first
         ranks.append(rank)
         if rank == 0:
             continue

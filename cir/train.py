@@ -16,7 +16,6 @@ the token caches are built by all ranks, each its share (cir.features).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -39,6 +38,7 @@ from core.distributed import (DistInfo, all_reduce_mean, barrier, broadcast_obje
 from core.errors import InputError
 from core.io import read_json
 from core.logging import Tracker, progress, write_metrics
+from core.schedule import warmup_cosine
 
 OBJECTIVES = ("q2t", "ptha")
 
@@ -248,15 +248,6 @@ def _wrap(model: ComposedRetriever, reverse: dict | None, cfg: TrainConfig, dist
     return wrap_model(module, dist, find_unused_parameters=cfg.objective != "ptha")
 
 
-def _schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, total: int):
-    def f(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)))
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, f)
-
-
 def fit(model: ComposedRetriever, train: CIRSplit, bank: TokenBank, val: CIRSplit | Sequence[CIRSplit],
         val_bank: TokenBank, reverse: dict | None, cfg: TrainConfig, dist: DistInfo | None = None) -> dict:
     """Train on `train`, select on `val`'s Avg (a CIRSplit, or the per-category units of FashionIQ). `bank` and
@@ -276,7 +267,7 @@ def fit(model: ComposedRetriever, train: CIRSplit, bank: TokenBank, val: CIRSpli
     params = [p for p in model.parameters() if p.requires_grad]
     loss_module = _wrap(model, reverse, cfg, dist)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = _schedule(opt, cfg, total)
+    sched = warmup_cosine(opt, cfg.warmup_steps, total, floor=0.1)
     step, tracker_best = 0, BestTracker()
     if cfg.resume and (out / LAST / "training_state.pt").is_file():
         step, meta = resume(out / LAST, stage="cir", model=model, optimizer=opt, scheduler=sched)

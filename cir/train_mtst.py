@@ -16,7 +16,6 @@ does not divide is refused before work; rank 0 evaluates and writes, the others 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -38,6 +37,7 @@ from core.io import read_json
 from core.logging import Tracker, format_table, progress, write_metrics
 from core.modtext import (ModificationTextGenerator, build_shapes_generator, load_pretrained_instructblip,
                           token_cross_entropy)
+from core.schedule import warmup_cosine_factor
 
 
 @dataclass
@@ -227,7 +227,7 @@ def pretrain_language_model(gen: ModificationTextGenerator, objective: torch.nn.
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        _lr(opt, cfg.lm_lr, step, cfg.lm_steps, 20)
+        _set_lr(opt, cfg.lm_lr * warmup_cosine_factor(step, 20, cfg.lm_steps, floor=0.1))
         if step % 50 == 0:
             shown = all_reduce_mean(loss.item(), dist)
             bar.set_postfix(loss=f"{shown:.3f}")
@@ -235,14 +235,9 @@ def pretrain_language_model(gen: ModificationTextGenerator, objective: torch.nn.
     lm.eval()
 
 
-def _lr(opt: torch.optim.Optimizer, base: float, step: int, total: int, warmup: int) -> None:
-    """Linear warmup, cosine decay to 10%."""
-    if step < warmup:
-        f = (step + 1) / warmup
-    else:
-        f = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-    for g in opt.param_groups:
-        g["lr"] = base * f
+def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
 
 
 def train_qformer(gen: ModificationTextGenerator, objective: torch.nn.Module, train: CIRSplit, bank: TokenBank,
@@ -272,7 +267,7 @@ def train_qformer(gen: ModificationTextGenerator, objective: torch.nn.Module, tr
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        _lr(opt, cfg.lr, step, cfg.steps, cfg.warmup_steps)
+        _set_lr(opt, cfg.lr * warmup_cosine_factor(step, cfg.warmup_steps, cfg.steps, floor=0.1))
         bar.update(1)
         if step % 25 == 0:
             shown = all_reduce_mean(loss.item(), dist)

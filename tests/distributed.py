@@ -42,15 +42,15 @@ def assert_same_state(a: str | Path, b: str | Path, atol: float = 1e-5, rtol: fl
             assert torch.equal(sa[key], sb[key]), key
 
 
-def assert_same_training(a: str | Path, b: str | Path, initial: dict[str, torch.Tensor], max_ratio: float = 1e-2,
-                         min_moved: float = 1e-3) -> None:
+def assert_same_training(a: str | Path | dict, b: str | Path | dict, initial: dict[str, torch.Tensor],
+                         max_ratio: float = 1e-2, min_moved: float = 1e-3) -> None:
     """Two runs from the same `initial` weights took the same steps: the distance between their weights is a small
     fraction of how far training moved them (global L2 norms over every float tensor).
 
     An element-wise tolerance is the wrong test under Adam: a parameter whose true gradient is zero (the attention
     key bias, say) is moved by lr·sign(rounding noise), which differs between one and two processes, while a real
     difference in gradients (a missing gather) moves every parameter by a comparable amount."""
-    sa, sb = load_state(a), load_state(b)
+    sa, sb = (s if isinstance(s, dict) else load_state(s) for s in (a, b))
     assert sa.keys() == sb.keys(), f"different keys: {set(sa) ^ set(sb)}"
     keys = [k for k in sa if sa[k].is_floating_point()]
     gap = {k: float((sa[k] - sb[k]).double().norm()) for k in keys}

@@ -15,7 +15,6 @@ writes; validation is computed in shards by every rank."""
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from cir.iterative.sharding import gather_share_rows, padded_share, share_bounds
 from core.checkpoint import LAST, BestTracker, read_meta, resume, save_checkpoint
 from core.device import autocast
 from core.distributed import DistInfo, all_reduce_mean, barrier, broadcast_object, wrap_model
+from core.schedule import warmup_cosine
 
 logger = logging.getLogger("cir.iterative")
 ROUND_STAGE = "cir-iterative-round"   # stage name of the in-round checkpoint-last/
@@ -138,15 +138,6 @@ def step_specs(triplets: Sequence[Triplet], plan: Sequence[Sequence[int]], negat
         queries, targets, share = step_share([triplets[i] for i in idx], negatives_per_query, info)
         specs.append(([[t.reference for t in queries], targets], ([t.caption for t in queries], share)))
     return specs
-
-
-def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def trainable_state(backbone: EmbeddingBackbone) -> dict[str, torch.Tensor]:

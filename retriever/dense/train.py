@@ -27,6 +27,7 @@ from core.encoders import SHAPES_ENCODER, build_dual_encoder
 from core.errors import InputError
 from core.logging import Tracker, format_table, progress, write_metrics
 from core.metrics import mean_recall, t2i_recall
+from core.schedule import warmup_cosine
 from core.shapes.captions import CONTRAST_KINDS, contrast_caption
 from core.shapes.edits import EDIT_KINDS, edited_twin, possible_kinds
 from core.shapes.make import SCENES_FILE, load_scenes, load_world_config
@@ -94,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
     steps_per_epoch = len(train_records) // cfg.batch_size
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(cfg.warmup_steps, total_steps))
+    scheduler = warmup_cosine(optimizer, cfg.warmup_steps, total_steps)
 
     step, best = 0, BestTracker()
     if cfg.resume and (out / LAST).is_dir():
@@ -213,15 +214,6 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     for name, p in model.named_parameters():
         (no_decay if p.ndim < 2 or "embedding" in name or "logit_scale" in name else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _warmup_cosine(warmup: int, total: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress_ = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress_)))
-    return factor
 
 
 def validate(model, records, device, options: LoaderOptions, listed_in: str | None = None) -> dict[str, float]:

@@ -13,7 +13,6 @@ each rank trains on its share of every global batch (DDP), rank 0 validates and 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,6 +30,7 @@ from core.errors import InputError
 from core.io import atomic_write_json, read_jsonl
 from core.logging import Tracker, progress, write_metrics
 from core.metrics import mean_recall, recall_from_rankings
+from core.schedule import warmup_cosine
 from retriever.generative.decoding import CorpusTrie, generate_rankings
 from retriever.generative.model import (SET_LOSSES, SHAPES_T5, STAGE, GenerativeRetriever, RetrieverSpec, build_t5,
                                         load_retriever, save_retriever_files, set_loss)
@@ -212,8 +212,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     steps_per_epoch = max(1, len(train) // cfg.batch_size)
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     warmup = min(cfg.warmup_steps, total // 10 + 1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
+    scheduler = warmup_cosine(optimizer, warmup, total)
     step, best = 0, BestTracker()
     if cfg.resume and (out / LAST).is_dir() and not cfg.overwrite:
         step, meta = resume(out / LAST, stage=STAGE, model=model, optimizer=optimizer, scheduler=scheduler)

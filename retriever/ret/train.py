@@ -14,7 +14,6 @@ m = 0), `single-layer` (one step of the cell on the towers' last layer: fusion w
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from core.errors import InputError
 from core.io import read_json
 from core.logging import Tracker, format_table, progress, write_metrics
 from core.metrics import mean_recall, recall_from_rankings
+from core.schedule import warmup_cosine
 from retriever.ret.data import M2KRSplit, load_m2kr
 from retriever.ret.features import CachedSource, Item, LiveSource, item_loader, open_source, resolve_features
 from retriever.ret.model import STAGE, FrozenTowers, RetConfig, RetrieverConfig, RetrieverModel, contrastive_loss, layer_strategy
@@ -174,7 +174,7 @@ def train_variant(cfg: TrainConfig, variant: str, model_cfg: RetrieverConfig, en
     optimizer = torch.optim.AdamW(cells.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = len(train.queries) // cfg.batch_size
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(cfg.warmup_steps, total))
+    scheduler = warmup_cosine(optimizer, cfg.warmup_steps, total)
     step, best = 0, BestTracker()
     if cfg.resume and (out / LAST).is_dir():
         step, meta = resume(out / LAST, stage=STAGE, model=cells, optimizer=optimizer, scheduler=scheduler)
@@ -256,14 +256,6 @@ def validate(model: RetrieverModel, split: M2KRSplit, source, use_instruction: b
     _, rows = exact_topk(q, p, 10, desc="val MaxSim")
     ids = [[split.passages[r].passage_id for r in row] for row in rows]
     return recall_from_rankings(ids, [q.positives for q in split.queries])
-
-
-def _warmup_cosine(warmup: int, total: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-    return factor
 
 
 if __name__ == "__main__":

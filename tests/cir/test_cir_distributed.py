@@ -18,7 +18,7 @@ from core.checkpoint import BEST, LAST
 from core.config import parse_config
 from core.device import seed_everything
 from core.errors import InputError
-from tests.distributed import load_state, run_torchrun
+from tests.distributed import assert_same_training, load_state, run_torchrun
 
 SMALL = {"qformer": {"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 128,
                      "cross_attention_frequency": 1, "max_position_embeddings": 48,
@@ -27,8 +27,8 @@ SMALL = {"qformer": {"hidden_size": 64, "num_hidden_layers": 1, "num_attention_h
 # Float sums run in another order on two ranks. Adam's normalised step turns that noise into steps where the true
 # gradient is zero or nearly (an attention key bias has none) and copies it into a few weights elsewhere, so the runs
 # are compared as training runs: the difference of their updates is a small part of the update (all weights as one
-# vector), and only a few values differ by more than ATOL. A lost all-gather or a per-rank mean fails both by far.
-ATOL, MAX_RELATIVE, MAX_OUTLIERS = 1e-5, 5e-3, 2e-3
+# vector). A lost all-gather or a per-rank mean fails that by far (28 % of the update).
+MAX_RELATIVE = 5e-3
 
 
 @contextlib.contextmanager
@@ -39,21 +39,6 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(threads)
-
-
-def assert_same_training(start: dict[str, torch.Tensor], one: dict[str, torch.Tensor],
-                         two: dict[str, torch.Tensor]) -> None:
-    """Two runs from `start` reached the same weights up to float noise, and training moved them clearly."""
-    assert one.keys() == two.keys() and set(one) <= set(start), set(one) ^ set(two)
-    keys = [k for k in one if one[k].is_floating_point()]
-    update = sum(((one[k] - start[k]).double() ** 2).sum() for k in keys) ** 0.5
-    apart = sum(((one[k] - two[k]).double() ** 2).sum() for k in keys) ** 0.5
-    outliers = sum(int(((one[k] - two[k]).abs() > ATOL).sum()) for k in keys)
-    values = sum(one[k].numel() for k in keys)
-    largest = max((one[k] - start[k]).abs().max().item() for k in keys)
-    assert largest > 100 * ATOL, f"training barely moved the weights ({largest:.2e})"
-    assert apart < MAX_RELATIVE * update, f"the runs differ by {apart / update:.2e} of the update"
-    assert outliers <= MAX_OUTLIERS * values, f"{outliers} of {values} values differ by more than {ATOL}"
 
 
 def _reverse_folder(cirr: Path, out: Path) -> Path:
@@ -90,7 +75,7 @@ def test_cir_trainer_two_ranks_equal_one(shapes_world, dense_checkpoint, tmp_pat
     assert json.loads((tmp_path / "two" / LAST / "meta.json").read_text())["step"] == 3
     one, two = load_state(tmp_path / "one" / LAST / "model.pt"), load_state(tmp_path / "two" / LAST / "model.pt")
     assert not [k for k in one if k.startswith("image_encoder.")]  # the frozen tower is named, not saved
-    assert_same_training(load_state(tmp_path / "init" / "model.pt"), one, two)
+    assert_same_training(one, two, load_state(tmp_path / "init" / "model.pt"), max_ratio=MAX_RELATIVE)
 
 
 def _generator_state(folder: Path) -> dict[str, torch.Tensor]:
@@ -119,8 +104,8 @@ def test_mtst_trainer_two_ranks_equal_one(shapes_world, dense_checkpoint, tmp_pa
     seed_everything(cfg.seed)  # the generator main() starts from
     start = train_mtst._build(cfg, load_cirr(cirr, "train"), torch.device("cpu"))
     start.save_pretrained(tmp_path / "init")
-    assert_same_training(_generator_state(tmp_path / "init"), _generator_state(tmp_path / "one" / BEST),
-                         _generator_state(tmp_path / "two" / BEST))
+    assert_same_training(_generator_state(tmp_path / "one" / BEST), _generator_state(tmp_path / "two" / BEST),
+                         _generator_state(tmp_path / "init"), max_ratio=MAX_RELATIVE)
 
 
 @pytest.mark.parametrize("trainer", [train, train_mtst])

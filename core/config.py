@@ -15,6 +15,7 @@ import yaml
 
 from core.errors import InputError
 from core.io import atomic_write_text
+from core.provenance import write_provenance
 
 T = TypeVar("T")
 CLI = "command line"
@@ -57,7 +58,9 @@ def build_config(cls: type[T], values: dict[str, Any], source: str = CLI) -> T:
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
+    """The resolved config as YAML, and beside it what the run was made with (core.provenance)."""
     atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    write_provenance(Path(path).parent)
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

@@ -32,13 +32,18 @@ class Tracker:
             import wandb
 
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            run_name = name or self.run_dir.name
-            # The run id is the run name, so a resumed run continues the same wandb run.
+            run_id = _wandb_id(self.run_dir)
+            # The id follows the run folder, so a resumed run continues the same wandb run, and so does the name:
+            # two run folders of one stage never share a name in the wandb table.
+            run_name = f"{name or self.run_dir.name}-{run_id[:6]}"
             self.run = wandb.init(
-                project=project, name=run_name, id=_wandb_id(self.run_dir), resume="allow",
+                project=project, name=run_name, id=run_id, resume="allow",
                 dir=str(self.run_dir), config=config_to_dict(config) if config is not None else None,
                 settings=wandb.Settings(silent=True, console="off"),
             )
+            if os.environ["WANDB_MODE"] == "offline":
+                print(f"wandb: offline run '{run_name}' in {Path(self.run.dir).parent} "
+                      f"(wandb sync {Path(self.run.dir).parent} to upload it)", file=sys.stderr)
 
     def log(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         if self.run is not None:

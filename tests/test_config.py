@@ -1,6 +1,13 @@
+import json
+import subprocess
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
+import torch
+
+import core
 
 from core.config import build_config, load_saved_config, parse_config, save_config
 from core.errors import InputError
@@ -62,3 +69,14 @@ def test_str_option_takes_the_command_line_text_as_it_is():
     # YAML would read "" as null and "0" as a number; a str setting keeps the text
     assert parse_config(Demo, ["--name", ""]).name == ""
     assert parse_config(Demo, ["--name", "0"]).name == "0"
+
+
+def test_a_saved_config_is_written_with_what_made_the_run(tmp_path):
+    save_config(build_config(Demo, {}), tmp_path / "config.yaml")
+    made = json.loads((tmp_path / "provenance.json").read_text())
+    assert made["libraries"]["torch"] == torch.__version__.split("+")[0]
+    assert made["command"] == [sys.executable, *sys.argv]
+    if made["git"]["commit"] is not None:  # a git checkout (CI's is one)
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(core.__file__).parent).stdout.strip()
+        assert made["git"]["commit"] == head and isinstance(made["git"]["dirty"], bool)

@@ -17,7 +17,7 @@ from core.io import file_digest, json_digest
 _FOLDER_CACHE: dict[tuple, str] = {}
 
 
-def hash_folder(folder: str | Path, skip: Iterable[str] = ("meta.json", "manifest.json")) -> str:
+def hash_folder(folder: str | Path, skip: Iterable[str] = ("meta.json", "manifest.json", "provenance.json")) -> str:
     """Content hash of every file under `folder` (names and bytes, sorted); bookkeeping files are skipped
     so that writing a checkpoint's own manifest does not change its hash."""
     folder = Path(folder)

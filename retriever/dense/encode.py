@@ -17,7 +17,8 @@ import torch
 
 from core.checkpoint import read_meta
 from core.config import parse_config, save_config
-from core.data import ImageRecord, LoaderOptions, caption_queries, image_batches, load_karpathy_splits, verify_images
+from core.data import (ImageRecord, LoaderOptions, caption_queries, fix_heap_threshold, image_batches,
+                       load_karpathy_splits, verify_images)
 from core.distributed import DistInfo, barrier, cleanup, init_distributed, shard_range
 from core.encoders import DualEncoder, load_dual_encoder
 from core.errors import InputError
@@ -38,6 +39,7 @@ class EncodeConfig(LoaderOptions):
 
 def main(argv: Sequence[str] | None = None) -> Path:
     cfg = parse_config(EncodeConfig, argv)
+    fix_heap_threshold()
     read_meta(cfg.checkpoint, stage="dense")
     records = load_karpathy_splits(cfg.data_json, cfg.image_root, cfg.splits)
     if cfg.verify_images:

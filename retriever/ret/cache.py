@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from core.config import parse_config
-from core.data import LoaderOptions, verify_images
+from core.data import LoaderOptions, fix_heap_threshold, verify_images
 from core.device import get_device
 from core.encoders import load_dual_encoder
 from core.io import read_json
@@ -41,6 +41,7 @@ class CacheConfig(LoaderOptions):
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     cfg = parse_config(CacheConfig, argv)
+    fix_heap_threshold()
     files = {s: (cfg.queries_file.format(split=s), cfg.passages_file.format(split=s)) for s in cfg.splits}
     splits = {s: load_m2kr(*files[s], cfg.image_root) for s in cfg.splits}  # every file is checked before any work
     if resolve_features(cfg.features, read_json(Path(cfg.encoder) / "encoder.json")) == "live":

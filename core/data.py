@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from core.errors import InputError
-from core.io import read_json
+from core.io import read_json_array
 from core.logging import progress
 
 # COCO's Karpathy split keeps 30K validation images as extra training data under the name "restval".
@@ -43,22 +43,31 @@ def load_karpathy(json_path: str | Path, image_root: str | Path, split: str,
 
 def load_karpathy_splits(json_path: str | Path, image_root: str | Path, splits: Sequence[str],
                          check_files: bool = True) -> dict[str, list[ImageRecord]]:
-    """The images of several splits from one parse of the file (COCO's is 400 MB of JSON), split by split."""
+    """The images of several splits from one pass over the file, which is parsed one entry at a time (without the
+    tokenized captions no stage reads): memory holds the records, not COCO's 150 MB of text and its parse."""
     json_path, image_root = Path(json_path), Path(image_root)
-    images = _karpathy_images(json_path)
-    records: dict[str, list[ImageRecord]] = {}
-    for split in splits:
-        records[split] = _split_records(json_path, image_root, images, split, check_files)
+    records: dict[str, list[ImageRecord]] = {split: [] for split in splits}
+    wanted = {split: SPLIT_ALIASES.get(split, (split,)) for split in splits}
+    seen_splits = set()
+    for i, entry in enumerate(read_json_array(json_path, "images", object_hook=_without_tokens)):
+        _check_entry(json_path, i, entry)
+        seen_splits.add(entry["split"])
+        into = [split for split in splits if entry["split"] in wanted[split]]
+        if not into:
+            continue
+        record = _record(json_path, image_root, i, entry)
+        if check_files and not record.path.is_file():
+            raise InputError(record.path, f"images[{i}].filename", f"image file not found (listed in {json_path})")
+        for split in into:
+            records[split].append(record)
+    for split, recs in records.items():
+        if not recs:
+            raise InputError(json_path, "images[].split", f"split '{split}' is empty; splits present: "
+                             f"{', '.join(sorted(seen_splits)) or 'none'}")
+        ids = [r.imgid for r in recs]
+        if len(set(ids)) != len(ids):
+            raise InputError(json_path, "images[].imgid", "image ids are not unique")
     return records
-
-
-def _karpathy_images(json_path: Path) -> list:
-    # The tokenized captions are most of a COCO entry (about 10 KB an image) and no stage reads them; dropping them
-    # while parsing keeps them out of memory that the allocator would not give back afterwards.
-    data = read_json(json_path, required=["images"], object_hook=_without_tokens)
-    if not isinstance(data["images"], list):
-        raise InputError(json_path, "images", "must be a list of image entries")
-    return data["images"]
 
 
 def _without_tokens(obj: dict) -> dict:
@@ -66,32 +75,21 @@ def _without_tokens(obj: dict) -> dict:
     return obj
 
 
-def _split_records(json_path: Path, image_root: Path, images: list, split: str,
-                   check_files: bool) -> list[ImageRecord]:
-    wanted = SPLIT_ALIASES.get(split, (split,))
-    records, seen_splits = [], set()
-    for i, entry in enumerate(images):
-        for key in ("filename", "imgid", "split", "sentences"):
-            if key not in entry:
-                raise InputError(json_path, f"images[{i}].{key}", "required field is missing")
-        seen_splits.add(entry["split"])
-        if entry["split"] not in wanted:
-            continue
-        captions = tuple(_caption(json_path, i, j, s) for j, s in enumerate(entry["sentences"]))
-        if not captions:
-            raise InputError(json_path, f"images[{i}].sentences", "image has no caption")
-        path = image_root / entry.get("filepath", "") / entry["filename"]
-        if check_files and not path.is_file():
-            raise InputError(path, f"images[{i}].filename", f"image file not found (listed in {json_path})")
-        sentids = tuple(entry.get("sentids") or [s.get("sentid", j) for j, s in enumerate(entry["sentences"])])
-        records.append(ImageRecord(entry["imgid"], entry["filename"], path, entry["split"], captions, sentids))
-    if not records:
-        raise InputError(json_path, "images[].split",
-                         f"split '{split}' is empty; splits present: {', '.join(sorted(seen_splits)) or 'none'}")
-    ids = [r.imgid for r in records]
-    if len(set(ids)) != len(ids):
-        raise InputError(json_path, "images[].imgid", "image ids are not unique")
-    return records
+def _check_entry(json_path: Path, i: int, entry: object) -> None:
+    if not isinstance(entry, dict):
+        raise InputError(json_path, f"images[{i}]", "must be an image entry (an object)")
+    for key in ("filename", "imgid", "split", "sentences"):
+        if key not in entry:
+            raise InputError(json_path, f"images[{i}].{key}", "required field is missing")
+
+
+def _record(json_path: Path, image_root: Path, i: int, entry: dict) -> ImageRecord:
+    captions = tuple(_caption(json_path, i, j, s) for j, s in enumerate(entry["sentences"]))
+    if not captions:
+        raise InputError(json_path, f"images[{i}].sentences", "image has no caption")
+    path = image_root / entry.get("filepath", "") / entry["filename"]
+    sentids = tuple(entry.get("sentids") or [s.get("sentid", j) for j, s in enumerate(entry["sentences"])])
+    return ImageRecord(entry["imgid"], entry["filename"], path, entry["split"], captions, sentids)
 
 
 def _caption(json_path: Path, i: int, j: int, sentence: object) -> str:

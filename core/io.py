@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -16,14 +16,15 @@ import torch
 from core.errors import InputError
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
+def atomic_write_text(path: str | Path, text: str | Iterable[str]) -> None:
+    """Write to a temporary file beside `path`, then rename: readers never see half a file. `text` may be pieces,
+    written as they come, so a large file never sits in memory whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            f.write(text)
+            f.writelines([text] if isinstance(text, str) else text)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
@@ -34,6 +35,21 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 2) -> None:
     atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def atomic_write_json_items(path: str | Path, items: Iterable[Any]) -> int:
+    """A JSON array written item by item (one per line) from any iterable; returns how many were written."""
+    count = 0
+
+    def pieces() -> Iterator[str]:
+        nonlocal count
+        yield "["
+        for item in items:
+            yield ("\n" if count == 0 else ",\n") + json.dumps(item)
+            count += 1
+        yield "\n]\n"
+    atomic_write_text(path, pieces())
+    return count
 
 
 def atomic_write_jsonl(path: str | Path, rows: Sequence[dict]) -> None:
@@ -95,6 +111,101 @@ def read_json(path: str | Path, required: Sequence[str] = (),
         if not isinstance(obj, dict) or key not in obj:
             raise InputError(path, key, "required field is missing")
     return obj
+
+
+def read_json_array(path: str | Path, key: str, object_hook: Callable[[dict], Any] | None = None) -> Iterator[Any]:
+    """The items of the array under top-level `key` of a JSON object file, parsed one at a time from a window that
+    slides over the file: memory holds one item, not the file's text and every parsed item at once (COCO's Karpathy
+    file is 150 MB of text and twice that parsed). A missing file, bad JSON or a missing key is an InputError."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, None, "file not found")
+    with path.open() as f:
+        window = _JSONWindow(f, object_hook)
+        try:
+            yield from window.array_under(key)
+        except json.JSONDecodeError as e:  # its position is in the window that was current when it was raised
+            raise InputError(path, None, f"not valid JSON near character {window.failed_at + e.pos}: {e.msg}") from None
+        except _NotAnArray:
+            raise InputError(path, key, "must be a list") from None
+    if not window.found:
+        raise InputError(path, key, "required field is missing")
+
+
+class _NotAnArray(Exception):
+    pass
+
+
+class _JSONWindow:
+    """JSON text read a chunk at a time; `value()` decodes the next complete value."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, f, object_hook: Callable[[dict], Any] | None):
+        self.f, self.buf, self.pos, self.consumed, self.eof, self.found = f, "", 0, 0, False, False
+        self.failed_at = 0
+        self.decoder = json.JSONDecoder(object_hook=object_hook)
+
+    def _more(self) -> bool:
+        if self.eof:
+            return False
+        chunk = self.f.read(self.CHUNK)
+        self.consumed += self.pos
+        self.buf, self.pos, self.eof = self.buf[self.pos:] + chunk, 0, not chunk
+        return bool(chunk)
+
+    def peek(self) -> str:
+        while True:
+            while self.pos < len(self.buf) and self.buf[self.pos] in " \t\n\r":
+                self.pos += 1
+            if self.pos < len(self.buf):
+                return self.buf[self.pos]
+            if not self._more():
+                return ""
+
+    def expect(self, char: str) -> None:
+        if self.peek() != char:
+            self.failed_at = self.consumed
+            raise json.JSONDecodeError(f"expected '{char}'", self.buf, self.pos)
+        self.pos += 1
+
+    def skip_comma(self) -> None:
+        if self.peek() == ",":
+            self.pos += 1
+
+    def value(self) -> Any:
+        self.peek()
+        while True:
+            try:
+                obj, end = self.decoder.raw_decode(self.buf, self.pos)
+            except json.JSONDecodeError:
+                window_start = self.consumed
+                if self._more():
+                    continue
+                self.failed_at = window_start
+                raise
+            if end == len(self.buf) and self._more():  # a number at the window's end may go on in the next chunk
+                continue
+            self.pos = end
+            return obj
+
+    def array_under(self, key: str) -> Iterator[Any]:
+        self.expect("{")
+        while self.peek() != "}":
+            name = self.value()
+            self.expect(":")
+            if name == key:
+                if self.peek() != "[":
+                    raise _NotAnArray()
+                self.found, self.pos = True, self.pos + 1
+                while self.peek() != "]":
+                    yield self.value()
+                    self.skip_comma()
+                self.expect("]")
+            else:
+                self.value()
+            self.skip_comma()
+        self.expect("}")
 
 
 def read_jsonl(path: str | Path, required: Sequence[str] = ()) -> list[dict]:
@@ -193,14 +304,19 @@ class EmbeddingWriter:
         self.matrix[self.filled:end] = block
         self.filled = end
 
-    def close(self, ids: Sequence, made_by: dict | None = None) -> None:
-        """Finish the shard with its ids (same order as the rows) and what made it (see `embeddings_made_by`)."""
-        if self.filled != len(self.matrix) or len(ids) != self.filled:
-            raise ValueError(f"{self.final}: {self.filled} rows written, {len(self.matrix)} expected, {len(ids)} ids")
+    def close(self, ids: Iterable, made_by: dict | None = None) -> None:
+        """Finish the shard with its ids (same order as the rows; any iterable, written as it is read) and what
+        made it (see `embeddings_made_by`)."""
+        if self.filled != len(self.matrix):
+            raise ValueError(f"{self.final}: {self.filled} rows written, {len(self.matrix)} expected")
+        ids_path = _ids_path(self.prefix, self.shard)
+        written = atomic_write_json_items(ids_path, ids)
+        if written != self.filled:
+            ids_path.unlink()
+            raise ValueError(f"{self.final}: {self.filled} rows written but {written} ids")
         self.matrix.flush()
         del self.matrix
         os.replace(self.tmp, self.final)
-        atomic_write_json(_ids_path(self.prefix, self.shard), list(ids), indent=None)
         _wait_for_every_rank(self.world_size)
         if self.rank == 0:
             manifest = {"shards": [_npy(self.prefix, _shard_tag(r, self.world_size) if self.world_size > 1 else "").name

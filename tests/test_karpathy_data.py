@@ -90,3 +90,26 @@ def test_entry_without_captions_field(tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(InputError, match=r"images\[2\]\.sentences: required field is missing"):
         load_karpathy(path, tmp_path / "flickr30k-images", "val")
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 1 << 20])
+def test_the_images_array_is_read_in_chunks_exactly_as_json_parses_it(tmp_path, monkeypatch, chunk):
+    from core import io
+
+    path = _write_coco(tmp_path)
+    data = json.loads(path.read_text())
+    data.update({"info": {"year": 2014, "ratio": 12345.5e-3, "tags": [None, True, "a]}"]}, "count": 1234567})
+    path.write_text(json.dumps({"info": data.pop("info"), **data}, indent=1))  # keys before and after the array
+    monkeypatch.setattr(io._JSONWindow, "CHUNK", chunk)
+    assert list(io.read_json_array(path, "images")) == data["images"]
+
+
+@pytest.mark.parametrize("text, match", [('{"images": [{"a": 1}, {"b": }]}', r"x\.json: not valid JSON near character 28"),
+                                         ('{"images": {"a": 1}}', r"x\.json: images: must be a list"),
+                                         ('{"images": [1, 2]', r"x\.json: not valid JSON")])
+def test_a_broken_images_array_names_the_file_and_where(tmp_path, text, match):
+    from core.io import read_json_array
+
+    (tmp_path / "x.json").write_text(text)
+    with pytest.raises(InputError, match=match):
+        list(read_json_array(tmp_path / "x.json", "images"))

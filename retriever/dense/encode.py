@@ -84,10 +84,10 @@ def _encode_split(cfg: EncodeConfig, model: DualEncoder, recs: list[ImageRecord]
         chunk = queries[i:i + cfg.batch_size]
         texts.write(encode_texts(model, [q.text for q in chunk], dist.device, cfg.batch_size, desc=""))
     # captions first: the image manifest (with made_by) is what marks a split complete
-    texts.close([{"sentid": q.sentid, "imgid": q.imgid, "raw": q.text} for q in queries], made_by)
+    texts.close(({"sentid": q.sentid, "imgid": q.imgid, "raw": q.text} for q in queries), made_by)
     images.close([r.imgid for r in mine], made_by)
     if dist.is_main:
-        print(f"{split}: {len(recs)} images, {len(caption_queries(recs))} captions → {out}")
+        print(f"{split}: {len(recs)} images, {sum(len(r.captions) for r in recs)} captions → {out}")
 
 
 def _current(prefix: Path, made_by: dict) -> bool:

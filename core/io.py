@@ -95,16 +95,13 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         raise
 
 
-def read_json(path: str | Path, required: Sequence[str] = (),
-              object_hook: Callable[[dict], Any] | None = None) -> Any:
-    """Read a JSON file; a missing file, bad JSON or a missing top-level key is an InputError. `object_hook`
-    (as in `json.load`) sees each object as it is parsed, so unwanted fields can be dropped before they pile up."""
+def read_json(path: str | Path, required: Sequence[str] = ()) -> Any:
+    """Read a JSON file; a missing file, bad JSON or a missing top-level key is an InputError."""
     path = Path(path)
     if not path.is_file():
         raise InputError(path, None, "file not found")
     try:
-        with path.open() as f:
-            obj = json.load(f, object_hook=object_hook)
+        obj = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise InputError(path, None, f"not valid JSON ({e})") from None
     for key in required:

@@ -1,7 +1,8 @@
 """Composed-retrieval datasets in their real layouts, validated when opened.
 
 CIRR (rc2): `captions/cap.rc2.{split}.json` = `[{"pairid", "reference", "target_hard", "target_soft", "caption",
-"img_set": {"id", "members", ...}}]` (the hidden test split has no `target_hard`) and
+"img_set": {"id", "members", ...}}]` (pairids unique; the hidden test split, test1, has no `target_hard` in any row,
+so it loads only with `require_targets=False`, for the evaluation server's files) and
 `image_splits/split.rc2.{split}.json` = `{name: "./relative/path.png"}`, paths relative to the image root
 (`img_raw/` by default). The Shapes world and the synthetic triplets use the same layout.
 
@@ -48,6 +49,11 @@ class CIRSplit:
     def gallery(self) -> list[str]:
         return list(self.images)
 
+    @property
+    def hides_targets(self) -> bool:
+        """True for a split whose targets the benchmark keeps to its server (CIRR test1): no metric can be computed."""
+        return all(t.target is None for t in self.triplets)
+
 
 def cirr_files(root: str | Path, split: str) -> tuple[Path, Path]:
     root = Path(root)
@@ -56,7 +62,8 @@ def cirr_files(root: str | Path, split: str) -> tuple[Path, Path]:
 
 def load_cirr(root: str | Path, split: str, image_root: str | Path | None = None, require_targets: bool = True,
               check_files: bool = True) -> CIRSplit:
-    """A CIRR-layout split; every reference, target and subset member must be an image of the split."""
+    """A CIRR-layout split; every reference, target and subset member must be an image of the split, pairids are
+    unique, and a split either gives every row's target or none (`require_targets=False` admits the latter)."""
     root = Path(root)
     cap_path, split_path = cirr_files(root, split)
     image_root = Path(image_root) if image_root is not None else default_image_root("cirr", root)
@@ -68,7 +75,25 @@ def load_cirr(root: str | Path, split: str, image_root: str | Path | None = None
     if not rows:
         raise InputError(cap_path, None, "no triplets")
     triplets = [_cirr_triplet(cap_path, split_path, i, row, images, require_targets) for i, row in enumerate(rows)]
+    _check_unique_pairids(cap_path, triplets)
+    _check_targets_all_or_none(cap_path, triplets)
     return CIRSplit(triplets, images, name=f"cirr/{split}", meta={"dataset": "cirr"})
+
+
+def _check_unique_pairids(path: Path, triplets: Sequence[CIRTriplet]) -> None:
+    # The server files and PTHA's reverse texts are keyed by pairid: a repeated one would silently overwrite a query.
+    first: dict[str, int] = {}
+    for i, t in enumerate(triplets):
+        j = first.setdefault(str(t.pairid), i)
+        if j != i:
+            raise InputError(path, f"[{i}].pairid", f"pairid {t.pairid!r} repeats row [{j}]; pairids must be unique")
+
+
+def _check_targets_all_or_none(path: Path, triplets: Sequence[CIRTriplet]) -> None:
+    missing = [i for i, t in enumerate(triplets) if t.target is None]
+    if missing and len(missing) < len(triplets):
+        raise InputError(path, f"[{missing[0]}].target_hard", f"missing in {len(missing)} of {len(triplets)} rows; "
+                                                              "a split gives every row's target or hides them all")
 
 
 def _cirr_images(path: Path, image_root: Path, check_files: bool) -> dict[str, Path]:
@@ -93,6 +118,10 @@ def _cirr_triplet(path: Path, split_path: Path, i: int, row: Any, images: dict[s
     needed = ("pairid", "reference", "caption", "img_set") + (("target_hard",) if require_targets else ())
     for key in needed:
         if key not in row:
+            if key == "target_hard":
+                raise InputError(path, f"[{i}].{key}", "required field is missing: this split has no targets (a "
+                                 "test split such as CIRR test1 cannot train or select a model; cir.evaluate writes "
+                                 "its evaluation-server files)")
             raise InputError(path, f"[{i}].{key}", "required field is missing")
     if not isinstance(row["caption"], str):
         raise InputError(path, f"[{i}].caption", "must be a string")
@@ -153,7 +182,8 @@ def load_fashioniq(root: str | Path, category: str, split: str, image_root: str 
     for name in names:
         file = image_root / f"{name}{image_ext}"
         if check_files and not file.is_file():
-            raise InputError(file, name, f"image file not found (listed in {split_path})")
+            raise InputError(file, name, f"image file not found (listed in {split_path})"
+                             + _other_extension_hint(image_root, name, image_ext))
         images[name] = file
     rows = read_json(cap_path)
     if not isinstance(rows, list) or not rows:
@@ -175,6 +205,12 @@ def load_fashioniq(root: str | Path, category: str, split: str, image_root: str 
                     meta={"dataset": "fashioniq", "category": category})
 
 
+def _other_extension_hint(image_root: Path, name: str, image_ext: str) -> str:
+    # FashionIQ copies circulate as .png or .jpg: say so when only the extension is wrong.
+    others = sorted(p.suffix for p in image_root.glob(f"{name}.*") if p.suffix != image_ext and p.is_file())
+    return f"; {name}{others[0]} exists: set image_ext to {others[0]!r}" if others else ""
+
+
 # ---------------------------------------------------------------------------------------------- dataset choice
 def default_image_root(dataset: str, root: str | Path) -> Path:
     """Where a dataset's images are when no image root is given: CIRR `{root}/img_raw`, FashionIQ `{root}/images`."""
@@ -192,13 +228,15 @@ def _check_choice(dataset: str, categories: Sequence[str]) -> None:
 
 
 def load_cir_split(dataset: str, root: str | Path, split: str, categories: Sequence[str] = FASHIONIQ_CATEGORIES,
-                   image_root: str | Path | None = None, require_targets: bool = True) -> list[CIRSplit]:
+                   image_root: str | Path | None = None, require_targets: bool = True,
+                   image_ext: str = ".png") -> list[CIRSplit]:
     """The evaluation units of one split: CIRR → [the split] (one gallery); FashionIQ → one CIRSplit per category,
-    each against its own category's gallery (`meta["category"]`). Every file is validated before anything runs."""
+    each against its own category's gallery (`meta["category"]`), images `{name}{image_ext}`. Every file is
+    validated before anything runs; `require_targets=False` admits a split whose targets are hidden (CIRR test1)."""
     _check_choice(dataset, categories)
     if dataset == "cirr":
         return [load_cirr(root, split, image_root, require_targets=require_targets)]
-    return [load_fashioniq(root, category, split, image_root) for category in categories]
+    return [load_fashioniq(root, category, split, image_root, image_ext) for category in categories]
 
 
 def merge_splits(parts: Sequence[CIRSplit]) -> CIRSplit:

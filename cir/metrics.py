@@ -92,6 +92,9 @@ def cirr_submission(scores: np.ndarray, gallery: Sequence[str],
 
 def write_cirr_submission(out_dir: str | Path, scores: np.ndarray, gallery: Sequence[str],
                           triplets: Sequence[CIRTriplet], name: str = "test1") -> tuple[Path, Path]:
+    """Both server files, written atomically as `recall_submission_{name}.json` and
+    `recall_subset_submission_{name}.json` (the names the CIRR server's instructions use); the one writer of the
+    CIR stage and the iterative loop. Any triplet with `pairid`, `reference` and `members` will do."""
     recall, subset = cirr_submission(scores, gallery, triplets)
     out_dir = Path(out_dir)
     paths = out_dir / f"recall_submission_{name}.json", out_dir / f"recall_subset_submission_{name}.json"

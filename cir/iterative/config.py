@@ -67,7 +67,7 @@ class TrainIterativeConfig(LoaderOptions):
 class EvalIterativeConfig(LoaderOptions):
     experiment_dir: str = ""                # a train_iterative output folder (its config.yaml names data and model)
     iterations: list[int] = field(default_factory=list)  # e.g. "1,3,5"; empty = every round found, round 0 included
-    eval_dataset: str = "test"              # the split to evaluate (CIRR test labels are server-only: use val there)
+    eval_dataset: str = "test"              # the split to evaluate; CIRR test1 (targets hidden): server files only
     data_dir: str = ""                      # default: the experiment's data_dir
     image_root: str = ""
     eval_batch_size: int = 256

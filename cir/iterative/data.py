@@ -40,7 +40,7 @@ class Triplet:
     pairid: str
     reference: str
     caption: str
-    target: str
+    target: str | None  # None where the split hides it (CIRR test1)
     members: tuple[str, ...] = ()
     negatives: tuple[str, ...] = ()
     source: str = "original"   # "original" or "round N" for generated ones
@@ -256,13 +256,14 @@ def _write_tokens(prefix: Path, corpus: Corpus, encode: Callable, preprocess: Ca
     return shape
 
 
-def load_split(data_dir: str | Path, image_root: str | Path | None,
-               split: str) -> tuple[list[Triplet], dict[str, Path]]:
+def load_split(data_dir: str | Path, image_root: str | Path | None, split: str,
+               require_targets: bool = True) -> tuple[list[Triplet], dict[str, Path]]:
     """The triplets and the images of one CIRR-layout split, through the CIR stage's validating loader.
-    `image_root` empty = `{data_dir}/img_raw`, as CIRR ships."""
+    `image_root` empty = `{data_dir}/img_raw`, as CIRR ships; `require_targets=False` admits a split whose targets
+    are hidden (CIRR test1: evaluation writes its server files only)."""
     from cir.data import load_cirr
 
-    loaded = load_cirr(data_dir, split, image_root or None)
+    loaded = load_cirr(data_dir, split, image_root or None, require_targets=require_targets)
     triplets = [Triplet(str(t.pairid), t.reference, t.caption, t.target, tuple(t.members)) for t in loaded.triplets]
     return triplets, dict(loaded.images)
 

@@ -1,7 +1,9 @@
 """Iterative CIR training. Round N (1..num_iterations), starting from the model of round N-1 (round 0 = --model_path):
-  1. mine hard negatives over the training images with the current model  -> hard_negatives_iter_N.json
+  1. mine hard negatives over the training images with the current model  -> hard_negatives_iter_{N-1}.json
   2. the foundation model writes texts for (reference, hard negative)      -> augmented_samples_iter_N.json
   3. train on original + augmented triplets with hard negatives in the loss -> checkpoint_iter_N/
+A hard-negative file is numbered by the model that mined it (the first round's mining, with the round-0 model, is
+hard_negatives_iter_0.json), the other two by the round they make.
 Each file stores the manifest it was computed from (checkpoint hash, config hash, generator settings) and is reused
 on --auto_resume only when that manifest matches. Reads the CIRR layout under --data_dir; writes --experiment_dir
 (and the frozen image encoder's token cache in its image_cache/).
@@ -53,6 +55,11 @@ def experiment_dir(cfg: TrainIterativeConfig) -> Path:
 
 def checkpoint_dir(exp: Path, round_index: int) -> Path:
     return exp / f"checkpoint_iter_{round_index}"
+
+
+def hard_negatives_file(exp: Path, round_index: int) -> Path:
+    """What round N trains with: the hard negatives mined by round N-1's model, numbered by that model."""
+    return exp / f"hard_negatives_iter_{round_index - 1}.json"
 
 
 def training_state_dir(exp: Path, round_index: int) -> Path:
@@ -169,7 +176,7 @@ class RoundLoop:
 
     # ---- step 1: mining
     def mine(self, n: int, reuse: bool) -> tuple[Path, dict[str, Any]]:
-        path = self.exp / f"hard_negatives_iter_{n}.json"
+        path = hard_negatives_file(self.exp, n)
         expected = self.on_main(lambda: {"round": n, "model": self.model_hash(n - 1), "data": self.data_hash,
                                          "config": manifest.config_hash(self.cfg, MINING_FIELDS)})
         cached = self.on_main(lambda: manifest.read_cached(path, expected) if reuse else None)
@@ -289,11 +296,11 @@ class RoundLoop:
 
 
 def round_stats(exp: Path, n: int) -> dict[str, Any]:
-    """Hard-negative statistics of round n (mined with round n-1's model), for the results table."""
+    """Statistics of the mining (with round n-1's model) and generation round n trained with, for the results table."""
     if n == 0:
         return {}
     out: dict[str, Any] = {}
-    hn, aug = exp / f"hard_negatives_iter_{n}.json", exp / f"augmented_samples_iter_{n}.json"
+    hn, aug = hard_negatives_file(exp, n), exp / f"augmented_samples_iter_{n}.json"
     if hn.is_file():
         s = read_json(hn)["data"]["stats"]
         out.update({"mined_queries": s["queries"], "missed_top1": s["missed_top1"], "missed_top1_%": s["missed_top1_%"]})

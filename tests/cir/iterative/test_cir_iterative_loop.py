@@ -82,8 +82,9 @@ def spies(monkeypatch):
     return calls
 
 
-ROUND_FILES = ["hard_negatives_iter_1.json", "augmented_samples_iter_1.json", "checkpoint_iter_1/iteration.json",
-               "checkpoint_iter_1/model.pt", "hard_negatives_iter_2.json", "augmented_samples_iter_2.json"]
+# the seed's layout: a hard-negative file is numbered by the model that mined it (round 1 mines with round 0's)
+ROUND_FILES = ["hard_negatives_iter_0.json", "augmented_samples_iter_1.json", "checkpoint_iter_1/iteration.json",
+               "checkpoint_iter_1/model.pt", "hard_negatives_iter_1.json", "augmented_samples_iter_2.json"]
 
 
 def _kill_in_round_2(args, exp):
@@ -99,7 +100,7 @@ def _kill_in_round_2(args, exp):
     assert (exp / "checkpoint_iter_1" / ti.ROUND_FILE).is_file() and not (exp / "checkpoint_iter_2").exists()
     for path in exp.glob("*.json"):  # no final file name holds half a file
         json.loads(path.read_text())
-    for name in ("hard_negatives_iter_1.json", "augmented_samples_iter_1.json", "hard_negatives_iter_2.json"):
+    for name in ("hard_negatives_iter_0.json", "augmented_samples_iter_1.json", "hard_negatives_iter_1.json"):
         assert "manifest" in json.loads((exp / name).read_text())
 
 
@@ -130,7 +131,8 @@ def test_killed_in_round_2_resumes_there_and_trained_rounds_beat_chance(shapes_w
     assert set(summary) == {"round1", "round2", "round3"}
     for n in (1, 2, 3):
         assert (exp / f"checkpoint_iter_{n}" / ti.ROUND_FILE).is_file()
-        assert (exp / f"hard_negatives_iter_{n}.json").is_file() and (exp / f"augmented_samples_iter_{n}.json").is_file()
+        assert (exp / f"hard_negatives_iter_{n - 1}.json").is_file() and (exp / f"augmented_samples_iter_{n}.json").is_file()
+    assert not (exp / "hard_negatives_iter_3.json").exists()
     assert not list(exp.glob("training_iter_*"))  # in-round checkpoints are scratch once the round is written
     assert not [p for p in exp.rglob("*") if p.name.endswith((".tmp", ".old"))]
 

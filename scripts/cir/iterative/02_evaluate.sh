@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# CIRR metrics of rounds 0..3 on the Shapes test split, with each round's hard-negative statistics
-# -> $RUN_DIR/cir-iterative/evaluation_results.json and rows cir-iterative/round0..round3 of $RUN_DIR/results.json.
+# CIRR metrics of rounds 0..3 on the Shapes test split, with the statistics of the mining each round trained with
+# -> $RUN_DIR/cir-iterative/evaluation_results.json (+ each round's CIRR server files beside it) and rows
+# cir-iterative/round0..round3 of $RUN_DIR/results.json.
 # NPROC=N shards the embeddings over N processes (torchrun).
 set -euo pipefail
 cd "$(dirname "$0")/../../.."

@@ -122,11 +122,15 @@ def _open_clip_name(rest: str) -> tuple[str, str | None]:
     if rest.startswith(("hf-hub:", "local-dir:")):
         return rest, None
     name, _, tag = rest.partition(":")
-    return name, tag or None
+    if not name or not tag:  # open_clip would build the model with random weights
+        raise InputError(None, "dense_checkpoint", f"open_clip:{rest} names no pretrained weights; write "
+                                                   "open_clip:<model>:<tag> (open_clip:ViT-L-14:openai)")
+    return name, tag
 
 
 class DenseSearcher:
-    """The dense retriever over a fixed list of corpus images (the search space)."""
+    """A retriever (`open_retriever`: a folder or a pretrained name) over a fixed list of corpus images (the search
+    space), whose embeddings are cached by (retriever id, preprocessing, corpus)."""
 
     def __init__(self, checkpoint: str | Path, corpus_paths: Sequence[Path], corpus_ids: Sequence[str],
                  cache_dir: str | Path, device: torch.device | None = None, batch_size: int = 256,

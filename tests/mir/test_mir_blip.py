@@ -215,6 +215,8 @@ def test_retrievers_open_by_name_and_cache_by_name(tiny_blip_retrieval, tmp_path
     assert folder.model_id.startswith("blip-weights:") and folder.cache_prefix != first.cache_prefix
     with pytest.raises(InputError, match="not a retriever"):
         DenseSearcher(tmp_path / "space", paths, names, tmp_path / "cache", loader=SERIAL)
+    with pytest.raises(InputError, match="names no pretrained weights"):  # never a randomly initialised ViT-B-32
+        DenseSearcher("open_clip:ViT-B-32", paths, names, tmp_path / "cache", loader=SERIAL)
 
 
 def test_dialogue_images_outside_the_search_space_are_refused_before_work(tmp_path, monkeypatch):
@@ -232,3 +234,14 @@ def test_dialogue_images_outside_the_search_space_are_refused_before_work(tmp_pa
     assert f"{len(rows) - 1} of {len(rows)} dialogue images" in message
     with pytest.raises(InputError, match=r"\[0\]\.img"):
         load_chatir(visdial, tmp_path / "space.json", tmp_path, check_files=False, first=3)
+
+
+def test_real_configs_name_chatir_retriever_and_parse():
+    from core.config import parse_config
+    from mir.loop import MIRConfig
+
+    root = Path(__file__).parents[2] / "configs" / "mir"
+    replay = parse_config(evaluate_dialogues.EvaluateDialoguesConfig, ["--config", str(root / "chatir_visdial.yaml")])
+    genir = parse_config(MIRConfig, ["--config", str(root / "coco_genir.yaml")])
+    converted = parse_config(convert_blip.ConvertBlipConfig, []).output_dir
+    assert replay.dense_checkpoint == genir.dense_checkpoint == converted

@@ -15,13 +15,14 @@ from core.data import LoaderOptions
 from core.errors import InputError
 from core.io import embeddings_made_by
 from mir import convert_blip, evaluate_dialogues
-from mir.blip import CHATIR_TEXT_LENGTH, BlipRetriever
+from mir.blip import BlipRetriever
 from mir.chatir import load_chatir
 from mir.retrieval import DenseSearcher
 
 # ChatIR's real files, read where they are (beside the project's root), never copied.
 CHATIR_DATA = Path(__file__).parents[2].parent / "shared" / "data" / "chatir"
 SERIAL = LoaderOptions(num_workers=0)
+CHATIR_MAX_TOKENS = 200  # ChatIR's BLIP dialogue encoder: max_length=200, truncation on (written here, not imported)
 
 
 def chatir_file(name: str) -> Path:
@@ -59,8 +60,8 @@ def hand_hits_at_10(folder: Path, dialogs: list[list[str]], targets: list[str], 
             queries = []
             for dialog in dialogs:
                 ids = processor.tokenizer(", ".join(dialog[: r + 1]))["input_ids"]
-                if len(ids) > CHATIR_TEXT_LENGTH:
-                    ids, truncated = ids[: CHATIR_TEXT_LENGTH - 1] + [sep], truncated + 1
+                if len(ids) > CHATIR_MAX_TOKENS:
+                    ids, truncated = ids[: CHATIR_MAX_TOKENS - 1] + [sep], truncated + 1
                 queries.append(ids)
             width = max(map(len, queries))
             ids = torch.tensor([q + [pad] * (width - len(q)) for q in queries])

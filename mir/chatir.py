@@ -64,20 +64,34 @@ def load_dialogues(path: str | Path) -> list[Dialogue]:
 
 
 def load_chatir(dialogues_json: str | Path, search_space_json: str | Path, image_root: str | Path,
-                check_files: bool = True) -> ChatIRData:
-    """Both files, checked against each other (every target is in the search space) and against the disk."""
+                check_files: bool = True, first: int | None = None) -> ChatIRData:
+    """Both files, checked against each other (every target is in the search space) and against the disk; with
+    `first`, only the first dialogues are kept (and checked)."""
     space = load_search_space(search_space_json)
     dialogues = load_dialogues(dialogues_json)
-    members = set(space)
-    for i, d in enumerate(dialogues):
-        if d.img not in members:
-            raise InputError(dialogues_json, f"[{i}].img", f"{d.img} is not in the search space {search_space_json}")
+    if first is not None:
+        if not 1 <= first <= len(dialogues):
+            raise InputError(dialogues_json, "n_targets", f"asked for {first} dialogues, the file has {len(dialogues)}")
+        dialogues = dialogues[:first]
+    check_targets_listed(dialogues, space, dialogues_json, search_space_json)
     root = Path(image_root)
     if check_files:
         for i, p in enumerate(space):
             if not (root / p).is_file():
                 raise InputError(root / p, f"[{i}]", f"image file not found (listed in {search_space_json})")
     return ChatIRData(root, tuple(space), tuple(dialogues))
+
+
+def check_targets_listed(dialogues: Sequence[Dialogue], space: Sequence[str], dialogues_json: str | Path,
+                         search_space_json: str | Path) -> None:
+    """Every dialogue's image must be in the search space (a target outside it can never be found): one error
+    naming the dialogue file, the first missing image and how many are missing."""
+    members = set(space)
+    missing = [i for i, d in enumerate(dialogues) if d.img not in members]
+    if missing:
+        i = missing[0]
+        raise InputError(dialogues_json, f"[{i}].img", f"{dialogues[i].img} is not in the search space "
+                         f"{search_space_json} ({len(missing)} of {len(dialogues)} dialogue images are not)")
 
 
 def chatir_query(dialog: Sequence[str], round_: int) -> str:

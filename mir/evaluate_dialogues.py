@@ -1,5 +1,6 @@
 """Evaluate stored dialogues with ChatIR's protocol: at round L the query is `", ".join(dialog[:L+1])`,
-ranked against the search space by the dense retriever; cumulative Hits@10 per round.
+ranked against the search space by the retriever (a dense folder, ChatIR's BLIP, a pretrained name: mir.retrieval);
+cumulative Hits@10 per round.
 
 Works on ChatIR's own files (`VisDial_v1.0_queries_val.json` + `Search_Space_val_50k.json`) and on the
 `dialogues.json` a MIR run writes. The search space is encoded once into a float16 cache under
@@ -31,9 +32,11 @@ class EvaluateDialoguesConfig(LoaderOptions):
     dialogues_json: str = "runs/shapes/mir/text-only/dialogues.json"
     search_space_json: str = "data/shapes/chatir/search_space_test.json"
     image_root: str = "data/shapes"
+    # retriever (mir.retrieval): a dense folder, a BLIP folder (mir.convert_blip), open_clip:<model>[:<tag>] or blip:<name>
     dense_checkpoint: str = "runs/shapes/dense/checkpoint-best"
     output_dir: str = "runs/shapes/mir/replay"
     rounds: int = -1  # -1: as many as the shortest dialogue has
+    n_targets: int = -1  # the first n dialogues; -1: all
     batch_size: int = 512
     summary: str = ""
     summary_row: str = "chatir-protocol"
@@ -41,7 +44,8 @@ class EvaluateDialoguesConfig(LoaderOptions):
 
 def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     cfg = parse_config(EvaluateDialoguesConfig, argv)
-    data = load_chatir(cfg.dialogues_json, cfg.search_space_json, cfg.image_root)
+    data = load_chatir(cfg.dialogues_json, cfg.search_space_json, cfg.image_root,
+                       first=None if cfg.n_targets < 0 else cfg.n_targets)
     rounds = dialogue_rounds(data.dialogues, None if cfg.rounds < 0 else cfg.rounds)
     paths = [data.path(p) for p in data.search_space]
     if cfg.verify_images:

@@ -1,8 +1,17 @@
-"""Retrieval over the MIR search space with the dense towers: text query → image and generated image → image.
+"""Retrieval over the MIR search space: text query → image and generated image → image.
+
+The retriever is one of
+- a dense folder of the project (`core.encoders`: `encoder.json` + `model.pt`, or `encoder.json` alone naming a
+  pretrained open_clip model), identified by the hash of its weights (or the name it loads);
+- a transformers BLIP retrieval folder (`config.json` of model type "blip", e.g. ChatIR's weights converted by
+  `mir.convert_blip`), identified by the hash of its weight files;
+- a pretrained model by name: `open_clip:<model>[:<pretrained tag>]` (any open_clip name, `hf-hub:` and
+  `local-dir:` included) or `blip:<name or path>` (`BlipForImageTextRetrieval.from_pretrained`; ChatIR's ITC
+  embeddings, mir.blip), identified by that name: a name stands for fixed weights, nothing is hashed.
 
 The search space is encoded once through the DataLoader (`core.data.image_batches`: one image opened per item,
 decoded by workers) and written as it is made to a float16 embedding file (`core.io.EmbeddingWriter`) under
-`cache_dir/corpus_{key}`, the key a hash of (retriever weights, preprocessing, corpus list); the file's manifest
+`cache_dir/corpus_{key}`, the key a hash of (retriever id, preprocessing, corpus list); the file's manifest
 records the same three (`made_by`), so every mode and every resumed run reuses one encoding pass and a changed
 checkpoint or corpus never reuses a stale one. The cache is read back by memory map and scored block by block.
 """
@@ -10,7 +19,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -18,16 +27,51 @@ from PIL import Image
 
 from core.data import LoaderOptions, image_batches
 from core.device import autocast, get_device
-from core.encoders import load_dual_encoder
+from core.encoders import DualEncoder, build_dual_encoder, load_dual_encoder
 from core.errors import InputError
 from core.io import EmbeddingWriter, embeddings_made_by, file_digest, json_digest, open_embeddings
 from mir.generator import context_length, token_count
 
 SCORE_BLOCK = 8192  # corpus rows scored at once: a float32 copy of one block (16 MB at 512-d), never of the corpus
+OPEN_CLIP_PREFIX, BLIP_PREFIX = "open_clip:", "blip:"
+
+
+class Retriever(Protocol):
+    """What DenseSearcher needs of a text–image retriever: normalised embeddings in one space."""
+
+    preprocess: Callable[[Image.Image], torch.Tensor]
+    context_length: int
+
+    def tokenize(self, texts: Sequence[str]) -> Any: ...
+    def token_count(self, text: str) -> int: ...
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor: ...
+    def encode_text(self, tokens: Any) -> torch.Tensor: ...
+
+
+class OpenCLIPRetriever(torch.nn.Module):
+    """A `core.encoders.DualEncoder` (open_clip) as a Retriever."""
+
+    def __init__(self, encoder: DualEncoder):
+        super().__init__()
+        self.encoder = encoder
+        self.preprocess = encoder.preprocess
+        self.context_length = context_length(encoder)
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.encoder.tokenize(texts)
+
+    def token_count(self, text: str) -> int:
+        return token_count(self.encoder, text)
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.encoder.encode_image(pixels)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.encoder.encode_text(tokens)
 
 
 def retriever_id(checkpoint: Path) -> str:
-    """The dense checkpoint's identity: the hash of its fine-tuned weights, or for a folder that only names a
+    """A dense folder's identity: the hash of its fine-tuned weights, or for a folder that only names a
     pretrained tower (no model.pt) the name and tag it loads."""
     if (checkpoint / "model.pt").is_file():
         return f"dense:{file_digest(checkpoint / 'model.pt')}"
@@ -38,23 +82,68 @@ def retriever_id(checkpoint: Path) -> str:
     return f"dense:{spec.get('pretrained_name')}:{spec.get('pretrained')}"
 
 
+def is_blip_folder(folder: Path) -> bool:
+    config = folder / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("model_type") == "blip"
+
+
+def blip_folder_id(folder: Path) -> str:
+    """A BLIP folder's identity: the hash of its weight files (a re-converted checkpoint gets a new one)."""
+    weights = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
+    if not weights:
+        raise InputError(folder, None, "a BLIP folder without weights (no .safetensors or .bin file)")
+    return f"blip-weights:{json_digest([file_digest(p) for p in weights])}"
+
+
+def open_retriever(spec: str | Path, device: torch.device) -> tuple[Retriever, str]:
+    """The retriever a config names (see the module's docstring) on `device`, and its identity."""
+    text = str(spec)
+    if text.startswith(OPEN_CLIP_PREFIX):
+        name, tag = _open_clip_name(text[len(OPEN_CLIP_PREFIX):])
+        encoder = build_dual_encoder({"pretrained_name": name, "pretrained": tag})
+        return OpenCLIPRetriever(encoder).to(device).eval(), text
+    if text.startswith(BLIP_PREFIX):
+        from mir.blip import BlipRetriever
+
+        return BlipRetriever.from_pretrained(text[len(BLIP_PREFIX):], device), text
+    folder = Path(spec)
+    if (folder / "encoder.json").is_file():
+        return OpenCLIPRetriever(load_dual_encoder(folder)).to(device).eval(), retriever_id(folder)
+    if folder.is_dir() and is_blip_folder(folder):
+        from mir.blip import BlipRetriever
+
+        return BlipRetriever.from_pretrained(folder, device), blip_folder_id(folder)
+    raise InputError(spec, None, "not a retriever: expected a dense folder (encoder.json), a BLIP folder "
+                                 "(config.json of model type blip), open_clip:<model>[:<tag>] or blip:<name>")
+
+
+def _open_clip_name(rest: str) -> tuple[str, str | None]:
+    """open_clip:<model>[:<tag>]; a model given by schema (hf-hub:…, local-dir:…) carries its own weights."""
+    if rest.startswith(("hf-hub:", "local-dir:")):
+        return rest, None
+    name, _, tag = rest.partition(":")
+    if not name or not tag:  # open_clip would build the model with random weights
+        raise InputError(None, "dense_checkpoint", f"open_clip:{rest} names no pretrained weights; write "
+                                                   "open_clip:<model>:<tag> (open_clip:ViT-L-14:openai)")
+    return name, tag
+
+
 class DenseSearcher:
-    """The dense retriever over a fixed list of corpus images (the search space)."""
+    """A retriever (`open_retriever`: a folder or a pretrained name) over a fixed list of corpus images (the search
+    space), whose embeddings are cached by (retriever id, preprocessing, corpus)."""
 
     def __init__(self, checkpoint: str | Path, corpus_paths: Sequence[Path], corpus_ids: Sequence[str],
                  cache_dir: str | Path, device: torch.device | None = None, batch_size: int = 256,
                  loader: LoaderOptions | None = None, listed_in: str | Path | None = None):
         self.device = device or get_device()
-        self.checkpoint = Path(checkpoint)
-        self.encoder = load_dual_encoder(self.checkpoint).to(self.device).eval()
-        self.model_id = retriever_id(self.checkpoint)
+        self.encoder, self.model_id = open_retriever(checkpoint, self.device)
         self.ids = list(corpus_ids)
         if len(corpus_paths) != len(self.ids):
             raise ValueError(f"{len(corpus_paths)} corpus paths but {len(self.ids)} ids")
         self.index_of = {c: i for i, c in enumerate(self.ids)}
         self.batch_size = batch_size
         self.loader, self.listed_in = loader or LoaderOptions(), listed_in
-        self.context = context_length(self.encoder)
+        self.context = self.encoder.context_length
         self.cache_prefix = Path(cache_dir) / f"corpus_{self.corpus_key()}"
         self.corpus = self._device_corpus(self._corpus_embeddings(list(corpus_paths)))
 
@@ -108,13 +197,13 @@ class DenseSearcher:
 
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
-        tokens = self.encoder.tokenize(list(texts)).to(self.device)
+        tokens = self.encoder.tokenize(list(texts)).to(self.device)  # a tensor (open_clip) or a BatchEncoding (BLIP)
         with autocast(self.device):
             return self.encoder.encode_text(tokens).float().cpu().numpy()
 
     def truncated(self, text: str) -> bool:
         """Whether the text tower cuts the query (it reads at most `context` tokens)."""
-        return token_count(self.encoder, text) > self.context
+        return self.encoder.token_count(text) > self.context
 
     @torch.no_grad()
     def similarities(self, queries: np.ndarray) -> torch.Tensor:

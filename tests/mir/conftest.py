@@ -51,3 +51,40 @@ def tiny_user(shapes_world, dense_checkpoint, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("mir") / "user"
     gen.save_pretrained(out)
     return out
+
+
+def save_tiny_blip_retrieval(folder: Path, seed: int = 0) -> Path:
+    """A 1-layer random BlipForImageTextRetrieval with its real processor (32 px images, BLIP's CLIP mean/std) and a
+    character-level BERT WordPiece tokenizer (every word is spelled out, so long dialogues pass BLIP's 200 tokens),
+    saved as a from_pretrained folder. Every weight is perturbed from its initial value (LayerNorms included), so
+    a weight loaded into the wrong place changes the embeddings."""
+    import string
+
+    import torch
+    from transformers import BertTokenizer, BlipConfig, BlipForImageTextRetrieval, BlipImageProcessor, BlipProcessor
+
+    chars = list(string.ascii_lowercase + string.digits)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "[ENC]", *chars, *(f"##{c}" for c in chars),
+             *string.punctuation]
+    tokenizer = BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}, model_max_length=512)
+    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer)
+    config = BlipConfig(
+        text_config={"vocab_size": len(vocab), "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                     "intermediate_size": 64, "encoder_hidden_size": 32, "max_position_embeddings": 256,
+                     "pad_token_id": 0, "sep_token_id": 3, "eos_token_id": 3, "bos_token_id": 5},
+        vision_config={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
+                       "image_size": 32, "patch_size": 8, "layer_norm_eps": 1e-6},
+        image_text_hidden_size=16)
+    torch.manual_seed(seed)
+    model = BlipForImageTextRetrieval(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))  # at the initial 0.02 scale every text embeds alike
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_blip_retrieval(tmp_path_factory) -> Path:
+    return save_tiny_blip_retrieval(tmp_path_factory.mktemp("mir") / "blip")

@@ -131,7 +131,8 @@ def layer_strategy(name: str, n_text: int | None = None, n_vision: int | None = 
 
 
 def is_pretrained_spec(spec: dict) -> bool:
-    return "pretrained_name" in spec
+    """Towers of a named architecture (open_clip by name, or a published checkpoint's Hugging Face CLIP towers)."""
+    return "pretrained_name" in spec or "hf_clip" in spec
 
 
 class FrozenTowers(nn.Module):
@@ -446,13 +447,17 @@ class RetrieverModel(nn.Module):
     ViT-g, hub or fine-tuned weights) names that folder and the weights' hash instead of copying gigabytes."""
 
     def __init__(self, config: RetrieverConfig, encoder: DualEncoder | None = None,
-                 encoder_dir: str | Path | None = None):
+                 encoder_dir: str | Path | None = None, towers: FrozenTowers | None = None):
         super().__init__()
+        if towers is not None:
+            encoder = towers.encoder
         if encoder is not None and config.encoder != encoder.spec:  # retriever.json names the towers actually used
             config = dataclasses.replace(config, encoder=copy.deepcopy(encoder.spec))
         self.config = config
         self.encoder_dir = Path(encoder_dir) if encoder_dir is not None else None
-        self.towers = FrozenTowers(encoder if encoder is not None else build_dual_encoder(config.encoder))
+        if towers is None:
+            towers = FrozenTowers(encoder if encoder is not None else build_dual_encoder(config.encoder))
+        self.towers = towers
         self.query_model = RetModel(config.query, self.towers)
         self.passage_model = RetModel(config.passage, self.towers)
 
@@ -477,7 +482,10 @@ class RetrieverModel(nn.Module):
         atomic_write_json(folder / CONFIG_FILE, self.config.to_dict())
         enc = self.towers.encoder
         record: dict[str, Any] = {"spec": enc.spec, "sha256": self.towers.fingerprint}
-        if self.towers.pretrained and enc.spec.get("pretrained"):
+        if "hf_clip" in enc.spec:  # a published checkpoint's towers: named by the folder they were read from
+            record["weights"] = "published"
+            record["folder"] = str(Path(enc.spec["hf_clip"]["source"]).resolve())
+        elif self.towers.pretrained and enc.spec.get("pretrained"):
             record["weights"] = "hub"  # open_clip rebuilds them from the name; the hash checks they are the same
             (folder / ENCODER_DIR).mkdir(parents=True, exist_ok=True)
             enc.write_spec(folder / ENCODER_DIR)
@@ -503,6 +511,13 @@ class RetrieverModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device | None = None) -> "RetrieverModel":
+        """A folder this project wrote (`retriever.json`), or a checkpoint in the layout aimagelab publishes
+        (`config.json` + safetensors; a hub name such as `aimagelab/ReT-CLIP-ViT-L-14` when the hub is reachable)."""
+        from retriever.ret import published
+
+        if not (Path(folder) / CONFIG_FILE).is_file() and (
+                published.is_published_folder(folder) or not Path(folder).exists()):
+            return published.load_published(folder, device)
         folder = Path(folder)
         if not (folder / CONFIG_FILE).is_file():
             raise InputError(folder / CONFIG_FILE, None, "not a ReT folder (retriever.json is missing)")
@@ -511,8 +526,11 @@ class RetrieverModel(nn.Module):
             raise InputError(folder / "meta.json", "stage", f"written by stage '{meta['stage']}', expected '{STAGE}'")
         config = RetrieverConfig.from_dict(read_json(folder / CONFIG_FILE), str(folder / CONFIG_FILE))
         record = read_json(folder / TOWERS_FILE, required=["sha256"]) if (folder / TOWERS_FILE).is_file() else {}
-        encoder_dir = Path(record["folder"]) if record.get("weights") == "folder" else folder / ENCODER_DIR
-        model = cls(config, load_dual_encoder(encoder_dir), encoder_dir=encoder_dir)
+        encoder_dir = Path(record["folder"]) if record.get("weights") in ("folder", "published") else folder / ENCODER_DIR
+        if record.get("weights") == "published":
+            model = cls(config, towers=published.load_published_towers(encoder_dir), encoder_dir=encoder_dir)
+        else:
+            model = cls(config, load_dual_encoder(encoder_dir), encoder_dir=encoder_dir)
         if record and model.towers.fingerprint != record["sha256"]:
             raise InputError(folder / TOWERS_FILE, "sha256", f"the towers loaded from {encoder_dir} are not the ones "
                              "this model was trained on (their weights' hash differs)")

@@ -97,16 +97,17 @@ class RetrieverConfig:
     encoder: dict = field(default_factory=lambda: copy.deepcopy(SHAPES_ENCODER))
     query: RetConfig = field(default_factory=RetConfig)
     passage: RetConfig = field(default_factory=RetConfig)
+    use_instruction: bool = False  # queries read as "{instruction} {question}": how the model was trained
 
     def to_dict(self) -> dict[str, Any]:
         return {"encoder": self.encoder, "query": dataclasses.asdict(self.query),
-                "passage": dataclasses.asdict(self.passage)}
+                "passage": dataclasses.asdict(self.passage), "use_instruction": self.use_instruction}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "retriever config") -> "RetrieverConfig":
         try:
             return cls(encoder=dict(d.get("encoder", SHAPES_ENCODER)), query=RetConfig(**d.get("query", {})),
-                       passage=RetConfig(**d.get("passage", {})))
+                       passage=RetConfig(**d.get("passage", {})), use_instruction=bool(d.get("use_instruction", False)))
         except TypeError as e:
             raise InputError(source, "query/passage", str(e)) from None
 

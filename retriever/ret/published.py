@@ -158,7 +158,8 @@ def read_config(folder: Path, tensors: dict[str, torch.Tensor]) -> tuple[dict, R
         sides[side] = _side_config(d, f"{path} {side}_config", priors)
     spec = {"hf_clip": {"text_config": query["text_config"], "vision_config": query["vision_config"],
                         "source": str(folder)}}
-    return raw, RetrieverConfig(encoder=spec, query=sides["query"], passage=sides["passage"])
+    # ReT's inference always reads queries as "{instruction} {question}"
+    return raw, RetrieverConfig(encoder=spec, query=sides["query"], passage=sides["passage"], use_instruction=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -154,6 +154,7 @@ def test_published_checkpoint_gives_the_source_models_features(published):
     assert retriever.config.query.input_gate_bias_prior == PRIORS["input_gate_bias_prior"]
     assert retriever.config.passage.use_tanh and not retriever.config.query.use_tanh
     assert retriever.towers.encoder.text_model.config.hidden_act == "quick_gelu"
+    assert retriever.config.use_instruction  # ReT reads queries as "{instruction} {question}"
 
 
 def test_published_towers_are_shared_and_reload_from_a_saved_retriever(published, tmp_path):

@@ -1,7 +1,8 @@
 """Evaluate ReT and its ablations on a split by the M2KR protocol (retriever/ret/protocol.py): Recall@K and, for
 queries with answers, Pseudo Recall@K by exhaustive MaxSim; and how often the faiss index finds the same top-10.
 
-Reads `run_dir/{variant}/checkpoint-best` for each variant, the split's queries/passages JSONL, the
+Reads `run_dir/{variant}/checkpoint-best` for each variant (or one `checkpoint`: a ReT folder or a published
+checkpoint such as aimagelab/ReT-CLIP-ViT-L-14, reported as row `row`), the split's queries/passages JSONL, the
 tower-token cache, and (for the `index` row) the index folder and the search step's rankings. Writes
 `output_dir/metrics.json` and, with `summary`, the rows ret/{variant} and ret/index of the main job's
 results.json.
@@ -34,6 +35,8 @@ from retriever.ret.train import VARIANTS
 class EvalConfig(LoaderOptions):
     run_dir: str = "runs/shapes/ret"  # holds {variant}/checkpoint-best
     variants: list = field(default_factory=lambda: list(VARIANTS))
+    checkpoint: str = ""  # one ReT folder or published checkpoint (path or hub name) instead of run_dir's variants
+    row: str = "ret"  # the row name of `checkpoint`
     queries_file: str = "data/shapes/m2kr/shapes_{split}.jsonl"
     passages_file: str = "data/shapes/m2kr/shapes_passages_{split}.jsonl"
     image_root: str = "data/shapes"
@@ -56,14 +59,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     files = (cfg.queries_file.format(split=cfg.split), cfg.passages_file.format(split=cfg.split))
     split = load_m2kr(*files, cfg.image_root, strict=cfg.strict)
     texts = {p.passage_id: p.text for p in split.passages}
-    for variant in cfg.variants:
-        if not (Path(cfg.run_dir) / variant / "checkpoint-best").is_dir():
-            raise InputError(Path(cfg.run_dir) / variant / "checkpoint-best", "run_dir", "no trained model here")
+    checkpoints = {cfg.row: cfg.checkpoint} if cfg.checkpoint else \
+        {v: str(Path(cfg.run_dir) / v / "checkpoint-best") for v in cfg.variants}
+    for variant, folder in checkpoints.items():
+        if not cfg.checkpoint and not Path(folder).is_dir():
+            raise InputError(folder, "run_dir", "no trained model here")
     device = get_device()
     rows: dict[str, dict[str, float]] = {}
     query_emb = {}
-    for variant in cfg.variants:
-        model = RetrieverModel.from_pretrained(Path(cfg.run_dir) / variant / "checkpoint-best", device=device)
+    for variant, folder in checkpoints.items():
+        model = RetrieverModel.from_pretrained(folder, device=device)
         mode = resolve_features(cfg.features, model.towers.encoder.spec)
         source = open_source(mode, cfg.cache_dir, cfg.split, model.towers, device, " / ".join(files))
         use_instruction = model.config.use_instruction if cfg.use_instruction is None else cfg.use_instruction

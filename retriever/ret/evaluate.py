@@ -77,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
         p = encode_items(model.get_passage_model(), source, passage_items(split), desc=f"{variant} passages",
                          options=cfg)
         query_emb[variant] = q
-        _, top = exact_topk(q, p, max(cfg.ks), desc=f"{variant} exact MaxSim")
+        _, top = exact_topk(q, p, max(cfg.ks), desc=f"{variant} exact MaxSim", device=device)
         ranked = [[split.passages[r].passage_id for r in row] for row in top]
         rows[variant] = m2kr_metrics(ranked, split.queries, texts, cfg.ks)
     if cfg.index_dir:

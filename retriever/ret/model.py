@@ -511,10 +511,14 @@ class RetrieverModel(nn.Module):
         return folder
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, device: str | torch.device | None = None) -> "RetrieverModel":
+    def from_pretrained(cls, folder: str | Path, device: str | torch.device | None = None,
+                        device_map: str | torch.device | None = None) -> "RetrieverModel":
         """A folder this project wrote (`retriever.json`), or a checkpoint in the layout aimagelab publishes
-        (`config.json` + safetensors; a hub name such as `aimagelab/ReT-CLIP-ViT-L-14` when the hub is reachable)."""
+        (`config.json` + safetensors; a hub name such as `aimagelab/ReT-CLIP-ViT-L-14` when the hub is reachable).
+        `device_map` is the reference's spelling of `device` (one device: the model is small enough)."""
         from retriever.ret import published
+
+        device = device if device is not None else device_map
 
         if not (Path(folder) / CONFIG_FILE).is_file() and (
                 published.is_published_folder(folder) or not Path(folder).exists()):

@@ -140,7 +140,7 @@ def _source_features(source, side: str, docs) -> torch.Tensor:
 
 def test_published_checkpoint_gives_the_source_models_features(published):
     folder, source = published
-    retriever = RetrieverModel.from_pretrained(folder)
+    retriever = RetrieverModel.from_pretrained(folder, device_map="cpu")  # the reference README's call
     query_docs = [["Retrieve documents that answer the question: what is the content of the image?", source.images[0]],
                   ["a much shorter question", source.images[1]]]
     passage_docs = [["A passage with no image, long enough to need padding on the other rows " * 3, ""],

@@ -46,3 +46,11 @@ def test_ties_keep_the_earlier_passage_first():
     p = np.ones((9, 3, 4), dtype=np.float32)  # every passage scores the same
     _, rows = exact_topk(q, p, 4, passage_block=2)
     assert rows.tolist() == [[0, 1, 2, 3]]
+
+
+def test_nlist_grows_with_the_square_root_of_the_token_count():
+    from retriever.ret.token_index import TokenIndex
+
+    assert TokenIndex.nlist_for_tokens(32 * 10_000) == 2262  # 4·√320,000
+    assert TokenIndex.nlist_for_tokens(32 * 110_000) == 7504  # 4·√3,520,000
+    assert TokenIndex.nlist_for_tokens(0) == 4

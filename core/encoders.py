@@ -1,5 +1,5 @@
 """The dense dual encoder, built through open_clip: a small custom CLIP from a config dict (the Shapes world)
-or a pretrained model by name (`{"pretrained_name": "ViT-B-32", "pretrained": "openai"}`) for real runs.
+or a pretrained model by name (`{"pretrained_name": "ViT-B-32-quickgelu", "pretrained": "openai"}`) for real runs.
 A trained encoder is saved as a folder (`encoder.json` + `model.pt`) that reloads without its training config.
 """
 from __future__ import annotations
@@ -73,6 +73,7 @@ class DualEncoder(torch.nn.Module):
 def build_dual_encoder(spec: dict[str, Any] | None = None) -> DualEncoder:
     spec = copy.deepcopy(spec if spec is not None else SHAPES_ENCODER)
     if "pretrained_name" in spec:
+        require_matching_activation(spec)
         clip, _, preprocess = open_clip.create_model_and_transforms(
             spec["pretrained_name"], pretrained=spec.get("pretrained"))
         tokenizer = open_clip.get_tokenizer(spec["pretrained_name"])
@@ -84,6 +85,16 @@ def build_dual_encoder(spec: dict[str, Any] | None = None) -> DualEncoder:
     preprocess = open_clip.image_transform(spec["image_size"], is_train=False)
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=text["context_length"])
     return DualEncoder(clip, preprocess, tokenizer, spec)
+
+
+def require_matching_activation(spec: dict[str, Any]) -> None:
+    """Refuse weights trained with QuickGELU (OpenAI's CLIP) in a config that builds GELU towers: open_clip loads
+    them into plain `ViT-L-14` with only a warning, and every feature is then wrong. `ViT-L-14-quickgelu` is right."""
+    name, tag = spec["pretrained_name"], spec.get("pretrained")
+    trained_quick = bool(tag and open_clip.get_pretrained_cfg(name, tag).get("quick_gelu"))
+    if trained_quick and not (open_clip.get_model_config(name) or {}).get("quick_gelu"):
+        raise InputError("model spec", "pretrained_name", f"the {tag!r} weights of {name} were trained with QuickGELU, "
+                         f"this config builds GELU towers; use '{name}-quickgelu'")
 
 
 def require_vit_image_tower(encoder: DualEncoder, source: str | Path | None, reader: str) -> None:

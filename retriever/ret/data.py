@@ -4,8 +4,10 @@ Reads the M2KR / PreFLMR field names (queries: `question_id`, `question`, `instr
 `pos_item_ids`, ...; passages: `passage_id`, `passage_content`, `img_path`) and the ReT-M2KR spelling of
 the same fields (queries: `data_id`, `image_path`, `passage_id` (the positives); passages: `passage_text`,
 `passage_image_path`). Image paths are relative to `image_root`. Everything is checked when the files
-are opened: a query image that does not exist, or a positive id the corpus lacks, is an InputError
-naming the file, the line and the field.
+are opened: a query image that does not exist, or a passage id that repeats, is an InputError naming the file,
+the line and the field. A positive id the corpus lacks counts as a miss, as in the reference evaluation (real
+files hold such rows; their number is reported), or is an InputError with `strict`. Queries keep their answers
+(`answers`, ReT-M2KR `answer`: strings, or dicts whose `wikidata` value is the answer) for Pseudo Recall@K.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from core.errors import InputError
 from core.io import read_jsonl
 
 # ReT-M2KR spelling → M2KR spelling.
-QUERY_ALIASES = {"data_id": "question_id", "image_path": "img_path", "passage_id": "pos_item_ids"}
+QUERY_ALIASES = {"data_id": "question_id", "image_path": "img_path", "passage_id": "pos_item_ids", "answer": "answers"}
 PASSAGE_ALIASES = {"passage_text": "passage_content", "passage_image_path": "img_path"}
 
 
@@ -35,6 +37,7 @@ class Query:
     instruction: str
     image: str | None
     positives: tuple[str, ...]
+    answers: tuple[str, ...] = ()  # answer strings, for Pseudo Recall@K
 
     def text(self, use_instruction: bool = True) -> str:
         """The query text the model reads: "{instruction} {question}" as in ReT's inference script."""
@@ -47,6 +50,7 @@ class Query:
 class M2KRSplit:
     queries: list[Query]
     passages: list[Passage]
+    missing_positives: int = 0  # queries none of whose positives is in the corpus (always misses)
 
     def passage_index(self) -> dict[str, int]:
         return {p.passage_id: i for i, p in enumerate(self.passages)}
@@ -96,8 +100,30 @@ def load_passages(path: str | Path, image_root: str | Path, check_images: bool =
     return passages
 
 
+def answer_strings(value: Any, path: Path, where: str) -> tuple[str, ...]:
+    """The answers a passage is matched against: strings as given; a dict answer by its `wikidata` value (the
+    reference's reading of InfoSeek's numeric answers); a lone string or number as a one-answer list."""
+    if not _present(value):
+        return ()
+    out = []
+    for answer in value if isinstance(value, list) else [value]:
+        if isinstance(answer, dict):
+            if "wikidata" not in answer:
+                raise InputError(path, f"{where}: answers", f"a dict answer needs a 'wikidata' value, got {answer!r}")
+            answer = answer["wikidata"]
+        if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+            raise InputError(path, f"{where}: answers", f"an answer must be a string, a number or a dict, got {answer!r}")
+        out.append(str(answer))
+    return tuple(out)
+
+
+def missing_positive_count(queries: list[Query], passage_ids: set[str]) -> int:
+    return sum(not any(p in passage_ids for p in q.positives) for q in queries)
+
+
 def load_queries(path: str | Path, image_root: str | Path, passage_ids: set[str] | None = None,
-                 check_images: bool = True) -> list[Query]:
+                 check_images: bool = True, strict: bool = False) -> list[Query]:
+    """`strict`: a positive id missing from `passage_ids` is an InputError (else a miss, counted by the caller)."""
     path, root = Path(path), Path(image_root)
     rows = read_jsonl(path)
     if not rows:
@@ -113,7 +139,7 @@ def load_queries(path: str | Path, image_root: str | Path, passage_ids: set[str]
         positives = tuple(str(p) for p in (positives if isinstance(positives, list) else [positives]))
         if not positives:
             raise InputError(path, f"{where}: pos_item_ids", "a query needs at least one positive passage id")
-        if passage_ids is not None:
+        if strict and passage_ids is not None:
             missing = [p for p in positives if p not in passage_ids]
             if missing:
                 raise InputError(path, f"{where}: pos_item_ids", f"passage id {missing[0]!r} is not in the corpus")
@@ -122,16 +148,29 @@ def load_queries(path: str | Path, image_root: str | Path, passage_ids: set[str]
         image = _image(root, row.get("img_path"), path, where, check_images)
         if not question and not instruction and image is None:
             raise InputError(path, f"{where}: question", "a query needs a question or an image")
-        queries.append(Query(str(row["question_id"]), question, instruction, image, positives))
+        queries.append(Query(str(row["question_id"]), question, instruction, image, positives,
+                             answer_strings(row.get("answers"), path, where)))
     return queries
 
 
 def load_m2kr(queries_path: str | Path, passages_path: str | Path, image_root: str | Path,
-              max_queries: int = 0, check_images: bool = True) -> M2KRSplit:
-    """Passages first (the corpus), then queries checked against it; `max_queries` keeps the first N."""
+              max_queries: int = 0, check_images: bool = True, strict: bool = False) -> M2KRSplit:
+    """Passages first (the corpus), then queries checked against it; `max_queries` keeps the first N. Queries
+    whose positives are all absent from the corpus stay (misses) and are counted and reported, unless `strict`."""
     passages = load_passages(passages_path, image_root, check_images)
-    queries = load_queries(queries_path, image_root, {p.passage_id for p in passages}, check_images)
-    return M2KRSplit(queries[:max_queries] if max_queries else queries, passages)
+    ids = {p.passage_id for p in passages}
+    queries = load_queries(queries_path, image_root, ids, check_images, strict)
+    queries = queries[:max_queries] if max_queries else queries
+    missing = report_missing_positives(queries, ids, queries_path)
+    return M2KRSplit(queries, passages, missing)
+
+
+def report_missing_positives(queries: list[Query], passage_ids: set[str], source: str | Path) -> int:
+    missing = missing_positive_count(queries, passage_ids)
+    if missing:
+        print(f"{source}: {missing} of {len(queries)} queries have no positive passage in the corpus; they count "
+              "as misses (--strict true makes this an error)")
+    return missing
 
 
 def shapes_paths(data_dir: str | Path, split: str) -> tuple[Path, Path]:

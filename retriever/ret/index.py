@@ -39,7 +39,7 @@ class IndexConfig(LoaderOptions):
     cache_dir: str = "runs/shapes/ret/cache"  # cached tower tokens (features = cache)
     output_dir: str = "runs/shapes/ret/index"
     index_kind: str = "ivfpq"  # ivfpq | ivf | flat
-    nlist: int = 256
+    nlist: int = 256  # 0: sized from the corpus's token count (TokenIndex.nlist_for_tokens)
     nprobe: int = 32
     pq_m: int = 16  # PQ sub-quantizers (must divide 128)
     pq_bits: int = 8
@@ -75,7 +75,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
         encode_items(side, source, [(p.text, p.image) for p in passages], cfg.batch_size, desc="encoding passages",
                      options=cfg, out=emb)
         encoded = time.time()
-        index = TokenIndex(emb.shape[2], cfg.index_kind, cfg.nlist, cfg.nprobe, cfg.pq_m, cfg.pq_bits)
+        nlist = cfg.nlist or TokenIndex.nlist_for_tokens(emb.shape[0] * emb.shape[1])
+        index = TokenIndex(emb.shape[2], cfg.index_kind, nlist, cfg.nprobe, cfg.pq_m, cfg.pq_bits)
         index.build(emb, [p.passage_id for p in passages], chunk_size=cfg.chunk_size)
         index.save(out, extra={"built_from": built_from, "encode_s": encoded - started,
                                "build_s": time.time() - encoded})

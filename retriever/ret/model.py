@@ -97,16 +97,17 @@ class RetrieverConfig:
     encoder: dict = field(default_factory=lambda: copy.deepcopy(SHAPES_ENCODER))
     query: RetConfig = field(default_factory=RetConfig)
     passage: RetConfig = field(default_factory=RetConfig)
+    use_instruction: bool = False  # queries read as "{instruction} {question}": how the model was trained
 
     def to_dict(self) -> dict[str, Any]:
         return {"encoder": self.encoder, "query": dataclasses.asdict(self.query),
-                "passage": dataclasses.asdict(self.passage)}
+                "passage": dataclasses.asdict(self.passage), "use_instruction": self.use_instruction}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "retriever config") -> "RetrieverConfig":
         try:
             return cls(encoder=dict(d.get("encoder", SHAPES_ENCODER)), query=RetConfig(**d.get("query", {})),
-                       passage=RetConfig(**d.get("passage", {})))
+                       passage=RetConfig(**d.get("passage", {})), use_instruction=bool(d.get("use_instruction", False)))
         except TypeError as e:
             raise InputError(source, "query/passage", str(e)) from None
 
@@ -131,7 +132,8 @@ def layer_strategy(name: str, n_text: int | None = None, n_vision: int | None = 
 
 
 def is_pretrained_spec(spec: dict) -> bool:
-    return "pretrained_name" in spec
+    """Towers of a named architecture (open_clip by name, or a published checkpoint's Hugging Face CLIP towers)."""
+    return "pretrained_name" in spec or "hf_clip" in spec
 
 
 class FrozenTowers(nn.Module):
@@ -446,13 +448,17 @@ class RetrieverModel(nn.Module):
     ViT-g, hub or fine-tuned weights) names that folder and the weights' hash instead of copying gigabytes."""
 
     def __init__(self, config: RetrieverConfig, encoder: DualEncoder | None = None,
-                 encoder_dir: str | Path | None = None):
+                 encoder_dir: str | Path | None = None, towers: FrozenTowers | None = None):
         super().__init__()
+        if towers is not None:
+            encoder = towers.encoder
         if encoder is not None and config.encoder != encoder.spec:  # retriever.json names the towers actually used
             config = dataclasses.replace(config, encoder=copy.deepcopy(encoder.spec))
         self.config = config
         self.encoder_dir = Path(encoder_dir) if encoder_dir is not None else None
-        self.towers = FrozenTowers(encoder if encoder is not None else build_dual_encoder(config.encoder))
+        if towers is None:
+            towers = FrozenTowers(encoder if encoder is not None else build_dual_encoder(config.encoder))
+        self.towers = towers
         self.query_model = RetModel(config.query, self.towers)
         self.passage_model = RetModel(config.passage, self.towers)
 
@@ -477,7 +483,10 @@ class RetrieverModel(nn.Module):
         atomic_write_json(folder / CONFIG_FILE, self.config.to_dict())
         enc = self.towers.encoder
         record: dict[str, Any] = {"spec": enc.spec, "sha256": self.towers.fingerprint}
-        if self.towers.pretrained and enc.spec.get("pretrained"):
+        if "hf_clip" in enc.spec:  # a published checkpoint's towers: named by the folder they were read from
+            record["weights"] = "published"
+            record["folder"] = str(Path(enc.spec["hf_clip"]["source"]).resolve())
+        elif self.towers.pretrained and enc.spec.get("pretrained"):
             record["weights"] = "hub"  # open_clip rebuilds them from the name; the hash checks they are the same
             (folder / ENCODER_DIR).mkdir(parents=True, exist_ok=True)
             enc.write_spec(folder / ENCODER_DIR)
@@ -502,7 +511,18 @@ class RetrieverModel(nn.Module):
         return folder
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, device: str | torch.device | None = None) -> "RetrieverModel":
+    def from_pretrained(cls, folder: str | Path, device: str | torch.device | None = None,
+                        device_map: str | torch.device | None = None) -> "RetrieverModel":
+        """A folder this project wrote (`retriever.json`), or a checkpoint in the layout aimagelab publishes
+        (`config.json` + safetensors; a hub name such as `aimagelab/ReT-CLIP-ViT-L-14` when the hub is reachable).
+        `device_map` is the reference's spelling of `device` (one device: the model is small enough)."""
+        from retriever.ret import published
+
+        device = device if device is not None else device_map
+
+        if not (Path(folder) / CONFIG_FILE).is_file() and (
+                published.is_published_folder(folder) or not Path(folder).exists()):
+            return published.load_published(folder, device)
         folder = Path(folder)
         if not (folder / CONFIG_FILE).is_file():
             raise InputError(folder / CONFIG_FILE, None, "not a ReT folder (retriever.json is missing)")
@@ -511,8 +531,11 @@ class RetrieverModel(nn.Module):
             raise InputError(folder / "meta.json", "stage", f"written by stage '{meta['stage']}', expected '{STAGE}'")
         config = RetrieverConfig.from_dict(read_json(folder / CONFIG_FILE), str(folder / CONFIG_FILE))
         record = read_json(folder / TOWERS_FILE, required=["sha256"]) if (folder / TOWERS_FILE).is_file() else {}
-        encoder_dir = Path(record["folder"]) if record.get("weights") == "folder" else folder / ENCODER_DIR
-        model = cls(config, load_dual_encoder(encoder_dir), encoder_dir=encoder_dir)
+        encoder_dir = Path(record["folder"]) if record.get("weights") in ("folder", "published") else folder / ENCODER_DIR
+        if record.get("weights") == "published":
+            model = cls(config, towers=published.load_published_towers(encoder_dir), encoder_dir=encoder_dir)
+        else:
+            model = cls(config, load_dual_encoder(encoder_dir), encoder_dir=encoder_dir)
         if record and model.towers.fingerprint != record["sha256"]:
             raise InputError(folder / TOWERS_FILE, "sha256", f"the towers loaded from {encoder_dir} are not the ones "
                              "this model was trained on (their weights' hash differs)")

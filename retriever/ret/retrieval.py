@@ -46,23 +46,36 @@ def passage_items(split: M2KRSplit) -> list[Item]:
 def maxsim_scores(queries: np.ndarray | torch.Tensor, passages: np.ndarray | torch.Tensor) -> torch.Tensor:
     """Σ_i max_j <q_i, d_j> as one matrix product per query block: [Nq, Lq, D] × [Np, Lp, D] → [Nq, Np]."""
     q = torch.as_tensor(queries, dtype=torch.float32)
-    p = torch.as_tensor(passages, dtype=torch.float32)
+    p = torch.as_tensor(passages, dtype=torch.float32, device=q.device)
     nq, lq, d = q.shape
     np_, lp, _ = p.shape
     sim = q.reshape(nq * lq, d) @ p.reshape(np_ * lp, d).T
     return sim.reshape(nq, lq, np_, lp).amax(-1).sum(1)
 
 
-def exact_topk(queries: np.ndarray, passages: np.ndarray, k: int, block: int = 32,
-               desc: str = "exact MaxSim") -> tuple[np.ndarray, np.ndarray]:
-    """Exhaustive MaxSim over the whole corpus: top-k (scores, passage rows) per query, best first."""
-    k = min(k, len(passages))
-    p = torch.from_numpy(np.asarray(passages, dtype=np.float32)) if isinstance(passages, np.ndarray) \
-        else torch.as_tensor(passages, dtype=torch.float32)
+def exact_topk(queries: np.ndarray, passages: np.ndarray, k: int, block: int = 32, passage_block: int = 4096,
+               desc: str = "exact MaxSim", device: torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exhaustive MaxSim over the whole corpus: top-k (scores, passage rows) per query, best first.
+
+    Streamed: passages are read `passage_block` at a time (a memory map stays on disk but for the block in use) and
+    merged into a running top-k per query, so memory is bounded by the blocks, [block·Lq, passage_block·Lp] scores,
+    whatever the corpus size. On the GPU when `device` is one (default: the CPU)."""
+    device = device or torch.device("cpu")
+    n = len(passages)
+    k = min(k, n)
     scores, rows = [], []
     for i in progress(range(0, len(queries), block), desc=desc):
-        s = maxsim_scores(queries[i:i + block], p)
-        top = torch.topk(s, k, dim=1)
-        scores.append(top.values.numpy())
-        rows.append(top.indices.numpy())
+        q = torch.as_tensor(np.asarray(queries[i:i + block], dtype=np.float32), device=device)
+        best = torch.full((len(q), 0), float("-inf"), device=device)
+        best_rows = torch.zeros((len(q), 0), dtype=torch.long, device=device)
+        for j in range(0, n, passage_block):
+            chunk = torch.as_tensor(np.asarray(passages[j:j + passage_block], dtype=np.float32), device=device)
+            s = maxsim_scores(q, chunk)
+            merged = torch.cat([best, s], 1)
+            merged_rows = torch.cat([best_rows, torch.arange(j, j + len(chunk), device=device).expand(len(q), -1)], 1)
+            # stable sort keeps earlier rows first among equal scores, as one topk over the whole corpus would
+            order = torch.sort(merged, dim=1, descending=True, stable=True).indices[:, :k]
+            best, best_rows = merged.gather(1, order), merged_rows.gather(1, order)
+        scores.append(best.cpu().numpy())
+        rows.append(best_rows.cpu().numpy())
     return np.concatenate(scores), np.concatenate(rows)

@@ -87,7 +87,7 @@ def variant_config(cfg: TrainConfig, variant: str, n_text: int | None = None,
     except TypeError as e:
         raise InputError("command line", "cell", str(e)) from None
     side.validate()
-    return RetrieverConfig(query=side, passage=copy.deepcopy(side))
+    return RetrieverConfig(query=side, passage=copy.deepcopy(side), use_instruction=cfg.use_instruction)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
                              "already holds a run; pass --resume true to continue it or choose another folder")
     train_files = (cfg.queries_file.format(split=cfg.train_split), cfg.passages_file.format(split=cfg.train_split))
     val_files = (cfg.queries_file.format(split=cfg.val_split), cfg.passages_file.format(split=cfg.val_split))
-    train = load_m2kr(*train_files, cfg.image_root)
+    train = load_m2kr(*train_files, cfg.image_root, strict=True)  # every training query needs its positive
     val = load_m2kr(*val_files, cfg.image_root, max_queries=cfg.max_val_queries)
     if len(train.queries) < cfg.batch_size:
         raise InputError(train_files[0], "batch_size",

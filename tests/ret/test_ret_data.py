@@ -105,10 +105,30 @@ def test_m2kr_missing_query_image_is_one_clear_error(tmp_path):
     assert err.value.path == str(q) and "line 1" in err.value.field and "img_path" in err.value.field
 
 
-def test_m2kr_positive_missing_from_corpus_is_one_clear_error(tmp_path):
+def test_m2kr_positive_missing_from_corpus_is_a_counted_miss_or_with_strict_one_clear_error(tmp_path, capsys):
     q, p = _m2kr_fixture(tmp_path)
     p.write_text(json.dumps({"passage_id": "p-1", "passage_content": "Tennis.", "img_path": None}) + "\n")
+    split = load_m2kr(q, p, tmp_path)
+    assert len(split.queries) == 2 and split.missing_positives == 1
+    assert "1 of 2 queries have no positive passage in the corpus" in capsys.readouterr().out
     with pytest.raises(InputError) as err:
-        load_m2kr(q, p, tmp_path)
+        load_m2kr(q, p, tmp_path, strict=True)
     assert err.value.path == str(q) and "pos_item_ids" in err.value.field and "'p-2'" in err.value.message
     assert load_passages(p, tmp_path)[0].passage_id == "p-1"
+
+
+def test_m2kr_repeated_passage_id_is_one_clear_error(tmp_path):
+    q, p = _m2kr_fixture(tmp_path)
+    row = {"passage_id": "p-1", "passage_content": "Tennis.", "img_path": None}
+    p.write_text(json.dumps(row) + "\n" + json.dumps({**row, "passage_content": "Again."}) + "\n")
+    with pytest.raises(InputError) as err:
+        load_m2kr(q, p, tmp_path)
+    assert err.value.path == str(p) and "line 2" in err.value.field and "duplicate passage id 'p-1'" in str(err.value)
+
+
+def test_m2kr_missing_passage_image_is_one_clear_error(tmp_path):
+    q, p = _m2kr_fixture(tmp_path)
+    (tmp_path / "images/p1.jpg").unlink()
+    with pytest.raises(InputError) as err:
+        load_m2kr(q, p, tmp_path)
+    assert err.value.path == str(p) and "img_path" in err.value.field and "p1.jpg" in err.value.message

@@ -1,0 +1,4 @@
+#!/usr/bin/env bash
+# ReT-M2KR WIT test set: its column(s) of the ReT table (Recall@10). Any --key value is passed on.
+set -euo pipefail
+exec bash "$(dirname "$0")/eval.sh" wit "$@"

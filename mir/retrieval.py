@@ -124,7 +124,7 @@ def _open_clip_name(rest: str) -> tuple[str, str | None]:
     name, _, tag = rest.partition(":")
     if not name or not tag:  # open_clip would build the model with random weights
         raise InputError(None, "dense_checkpoint", f"open_clip:{rest} names no pretrained weights; write "
-                                                   "open_clip:<model>:<tag> (open_clip:ViT-L-14:openai)")
+                                                   "open_clip:<model>:<tag> (open_clip:ViT-L-14-quickgelu:openai)")
     return name, tag
 
 

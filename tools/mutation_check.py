@@ -195,9 +195,11 @@ def child_env(tree: Path, jobs: int) -> dict[str, str]:
 def run_tests(tree: Path, tests: Sequence[str], jobs: int, timeout: int) -> tuple[int, str, float, float]:
     """(pytest's exit code, its output, wall seconds, CPU seconds of the process and its children)."""
     start = time.perf_counter()
+    basetemp = tree.parent / f"{tree.name}.pytest"  # its own: runs side by side never share (or clean) one
     with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen([sys.executable, *PYTEST, *tests], cwd=tree, env=child_env(tree, jobs), stdout=log,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        proc = subprocess.Popen([sys.executable, *PYTEST, f"--basetemp={basetemp}", *tests], cwd=tree,
+                                env=child_env(tree, jobs), stdout=log, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
         timer = threading.Timer(timeout, os.killpg, (proc.pid, signal.SIGKILL))
         timer.start()
         try:
@@ -224,6 +226,7 @@ def test_mutant(root: Path, scratch: Path, m: Mutation, cfg: MutationCheckConfig
     code, out, seconds, cpu = run_tests(tree, m.tests, cfg.jobs, cfg.timeout)
     if not cfg.keep:
         shutil.rmtree(tree, ignore_errors=True)
+        shutil.rmtree(tree.parent / f"{tree.name}.pytest", ignore_errors=True)
     caught, message = first_failure(out)
     if code == 0:
         return Outcome(m, "survived", "", seconds, cpu, output=out)
@@ -247,16 +250,16 @@ def docs_page(outcomes: Sequence[Outcome], baseline: Outcome, wall: float) -> st
     return "\n".join([
         "# Mutation check",
         "",
-        "`tools/mutation_check.py` breaks each method's key mechanism on purpose (a search-and-replace of one source",
-        "snippet, listed in `MUTATIONS` at the top of the tool) in a copy of the tree and runs the tests that guard it;",
-        "the check fails if any mutant survives, if a snippet is not found exactly once, or if the guarding tests fail",
-        "on the unmutated copy. `.ci/run` runs it after the test suite.",
+        "`tools/mutation_check.py` breaks each method's key mechanism on purpose (a search-and-replace of one",
+        "source snippet, listed in `MUTATIONS` at the top of the tool) in a copy of the tree and runs the tests that",
+        "guard it; the check fails if any mutant survives, if a snippet is not found exactly once, or if the guarding",
+        "tests fail on the unmutated copy. `.ci/run` runs it after the test suite.",
         "",
         "    .venv/bin/python tools/mutation_check.py [--write_docs] [--only '[name, ...]'] [--jobs 2]",
         "",
-        "The tests are in `tests/mechanisms/` (one file per method) and in the stages' own test files. \"Caught by\" is",
-        "the first test that failed on the mutant. Wall seconds depend on the machine's load; CPU seconds (the test",
-        "process and its children) are about what each takes on an idle core.",
+        "The tests are in `tests/mechanisms/` (one file per method) and in the stages' own test files. \"Caught by\"",
+        "is the first test that failed on the mutant. Wall seconds depend on the machine's load; CPU seconds (the",
+        "test process and its children) are about what each takes on an idle core.",
         "",
         table(outcomes),
         "",

@@ -1,8 +1,8 @@
-"""Iterative CIR's mechanisms through the round loop's own steps (mine → generate → training set) on the tiny world's
-training split, each asserted so that it fails when the mechanism breaks: mining keeps only queries whose target is
-not strictly first (a tie is a miss) and picks only wrong images (never the target or the reference); the training
-set of round N holds the texts the foundation model wrote in rounds 1..N (the previous rounds' included), each a
-positive for its hard negative, with the original target as that triplet's negative.
+"""Iterative CIR's mechanisms through the round loop's own steps (mine → generate → training set) on the tiny
+world's training split, each asserted so that it fails when the mechanism breaks: mining keeps only queries whose
+target is not strictly first (a tie is a miss) and picks only wrong images (never the target or the reference); the
+training set of round N holds the texts the foundation model wrote in rounds 1..N (the previous rounds' included),
+each a positive for its hard negative, with the original target as that triplet's negative.
 
 The retrieval scores and the foundation model are stand-ins (the mechanisms are what the loop does with them); the
 triplets, images, corpus, filter and files are the real ones."""

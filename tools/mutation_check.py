@@ -245,7 +245,14 @@ def table(outcomes: Sequence[Outcome]) -> str:
     return "\n".join(lines)
 
 
-def docs_page(outcomes: Sequence[Outcome], baseline: Outcome, wall: float) -> str:
+def changes(outcomes: Sequence[Outcome]) -> list[str]:
+    """One line per mutation: what it replaces, where."""
+    one_line = lambda text: " ".join(text.split())  # noqa: E731
+    return [f"- **{o.mutation.name}**: " + "; ".join(f"`{e.file}`: `{one_line(e.old)}` → `{one_line(e.new)}`"
+                                                     for e in o.mutation.edits) for o in outcomes]
+
+
+def docs_page(outcomes: Sequence[Outcome], baseline: Outcome, wall: float, load: float) -> str:
     cpu = baseline.cpu_seconds + sum(o.cpu_seconds for o in outcomes)
     return "\n".join([
         "# Mutation check",
@@ -265,7 +272,11 @@ def docs_page(outcomes: Sequence[Outcome], baseline: Outcome, wall: float) -> st
         "",
         f"Last run: {sum(o.status == 'killed' for o in outcomes)} of {len(outcomes)} mutants killed; the unmutated "
         f"guarding tests took {baseline.seconds:.0f} s ({baseline.cpu_seconds:.0f} s CPU); the whole check "
-        f"{wall:.0f} s of wall time and {cpu:.0f} s of CPU time in all.",
+        f"{wall:.0f} s of wall time and {cpu:.0f} s of CPU time in all (load average {load:.1f} when it started).",
+        "",
+        "## The mutations",
+        "",
+        *changes(outcomes),
         "",
     ])
 
@@ -280,7 +291,7 @@ def unmutated(root: Path, scratch: Path, guards: Sequence[str], cfg: MutationChe
 
 def main(argv: Sequence[str] | None = None) -> list[Outcome]:
     cfg = parse_config(MutationCheckConfig, argv)
-    started = time.perf_counter()
+    started, load = time.perf_counter(), os.getloadavg()[0]
     unknown = sorted(set(cfg.only) - {m.name for m in MUTATIONS})
     if unknown:
         raise InputError("command line", "only", f"unknown mutations {unknown}; known: {[m.name for m in MUTATIONS]}")
@@ -318,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> list[Outcome]:
     print(f"{sum(o.status == 'killed' for o in outcomes)} of {len(outcomes)} mutants killed in {wall:.0f} s "
           f"({cpu:.0f} s of CPU time)")
     if cfg.write_docs:
-        atomic_write_text(ROOT / DOCS, docs_page(outcomes, baseline, wall))
+        atomic_write_text(ROOT / DOCS, docs_page(outcomes, baseline, wall, load))
         print(f"table written to {DOCS}")
     bad = [o.mutation.name for o in outcomes if o.status != "killed"]
     if bad:

@@ -86,9 +86,11 @@ def test_ptha_step_and_save_reload(retriever, cir_data, tmp_path):
                               again.encode_queries_from_tokens(x, ["make it red"]), atol=1e-6)
 
 
-def test_retriever_training_beats_chance(dense_checkpoint, cir_data, tmp_path):
-    """A few epochs on the annotated training triplets: the subset ranking (5 near-duplicates) must be learnt
-    well above chance (Rs@1 = 20%) on the triplets it trained on."""
+def test_retriever_training_fits_its_training_triplets(dense_checkpoint, cir_data, tmp_path):
+    """A few epochs on the annotated training triplets: the subset ranking (5 near-duplicates) of those same triplets
+    must be learnt well above chance (Rs@1 = 20%). This shows that the loss trains the model, not that it generalises:
+    80 triplets do not (trained this way and selected on val, the 30 val triplets went from Rs@1 23.3 to 26.7);
+    held-out recall is asserted where the data allow it (tests/cir/iterative, FashionIQ's val)."""
     train, _ = cir_data
     torch.manual_seed(0)
     model = build_shapes_retriever(dense_checkpoint, [t.caption for t in train.triplets], SMALL)

@@ -23,16 +23,20 @@ def ret_run(shapes_world, dense_checkpoint, tmp_path_factory):
     return run, data, val
 
 
-def test_train_beats_chance_and_resumes(ret_run, shapes_world, dense_checkpoint):
+def test_train_beats_chance_and_a_finished_variant_is_not_retrained(ret_run, shapes_world, dense_checkpoint, capsys):
     run, data, val = ret_run
     n_passages = sum(1 for _ in (shapes_world / "m2kr/shapes_passages_val.jsonl").open())
     chance_r10 = 100 * 10 / n_passages
     assert val["ret"]["R@10"] > 3 * chance_r10, (val, chance_r10)
-    # a rerun of a finished variant does no work and reports the same figures
+    # a rerun of a finished variant does no work (no file of the variant is rewritten) and reports the same figures
+    written = {p: p.stat().st_mtime_ns for p in (run / "ret").rglob("*") if p.is_file()}
+    capsys.readouterr()
     again = train.main(["--encoder", str(dense_checkpoint), *data, "--cache_dir", str(run / "cache"),
                         "--output_dir", str(run), "--variants", "ret", "--cell", CELL, *LAYERS, "--batch_size", "64",
                         "--epochs", "3", "--resume", "true"])
     assert again["ret"] == val["ret"]
+    assert "[ret] already trained" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in (run / "ret").rglob("*") if p.is_file()} == written
 
 
 def test_index_search_evaluate(ret_run, dense_checkpoint, tmp_path):

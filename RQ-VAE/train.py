@@ -19,13 +19,14 @@ import numpy as np
 import torch
 
 from core.checkpoint import BEST, LAST, BestTracker, read_meta, resume, save_checkpoint
-from core.config import parse_config
+from core.config import parse_config, save_config
 from core.device import autocast, seed_everything
 from core.distributed import (DistInfo, all_reduce_mean, barrier, check_batch_divisible, cleanup, init_distributed,
                               rank_share, world_size_from_env, wrap_model)
 from core.errors import InputError
 from core.io import atomic_write_json, load_embeddings
 from core.logging import Tracker, progress, write_metrics
+from core.run_folder import CONFIG, open_run_folder
 from rqvae.model import RQVAE, ResidualQuantizer, RQVAESpec, rqvae_loss
 
 STAGE = "rqvae"
@@ -49,8 +50,7 @@ class RQVAETrainConfig:
     lr: float = 1e-3
     restart_every: int = 50  # steps between dead-code restarts (0 = never)
     restart_threshold: float = 1.0  # a code used fewer times than this since the last check is dead
-    overwrite: bool = False  # retrain even if a finished run is there
-    resume: bool = True
+    overwrite: bool = False  # start afresh where output_dir holds another run (core.run_folder)
     wandb_project: str = "genretrieval"
     seed: int = 0
 
@@ -105,7 +105,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     x_val, _, _ = load_split(emb_dir, cfg.val_split)
     _, text_ids = load_embeddings(emb_dir / f"text_{cfg.train_split}")
     captions_of = caption_table(text_ids, train_ids)
-    if (out / BEST).is_dir() and not cfg.overwrite and read_meta(out / BEST, STAGE).get("done"):
+    start = open_run_folder(out, cfg, overwrite=cfg.overwrite)
+    if start.reuse_finished and (out / BEST).is_dir() and read_meta(out / BEST, STAGE).get("done"):
         print(f"RQ-VAE already trained in {out} (--overwrite true to retrain)")
         return out / BEST
 
@@ -126,12 +127,16 @@ def main(argv: Sequence[str] | None = None) -> Path:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     steps_per_epoch = max(1, len(x_train) // cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
-    step, best = 0, BestTracker()
-    if cfg.resume and (out / LAST).is_dir() and not cfg.overwrite:
-        step, meta = resume(out / LAST, stage=STAGE, model=model, optimizer=optimizer)
-        best = BestTracker(meta.get("best"))
-    # k-means and restarts draw from this generator on rank 0 only; their codebooks are broadcast to the others
+    # k-means and restarts draw from this generator on rank 0 only; their codebooks are broadcast to the others.
+    # It is saved with checkpoint-last, so a resumed run restarts the same dead codes with the same picks.
     gen = torch.Generator().manual_seed(cfg.seed)
+    step, best = 0, BestTracker()
+    if not start.fresh and (out / LAST).is_dir():
+        step, meta = resume(out / LAST, stage=STAGE, model=model, optimizer=optimizer, generators={"codebook": gen})
+        best = BestTracker(meta.get("best"))
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / CONFIG)
     tracker = Tracker(out, cfg, project=cfg.wandb_project, name=f"rqvae-{out.parent.parent.name}", enabled=dist.is_main)
     write_spec = lambda folder: atomic_write_json(Path(folder) / "rqvae.json", dataclasses.asdict(spec))  # noqa: E731
 
@@ -177,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
                     save_checkpoint(out / BEST, stage=STAGE, model=model, step=step, config=cfg,
                                     extra={"val_mse": val["mse"], "val_cosine": val["cosine"]}, model_files=write_spec)
                 save_checkpoint(out / LAST, stage=STAGE, model=model, step=step, optimizer=optimizer, config=cfg,
-                                extra={"best": best.best}, model_files=write_spec)
+                                extra={"best": best.best}, model_files=write_spec, generators={"codebook": gen})
             barrier(dist)
     bar.close()
     if dist.is_main:

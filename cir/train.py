@@ -30,6 +30,7 @@ from cir.losses import gather_target_rows, prototype_alignment, ptha_loss, query
 from cir.retriever import ComposedRetriever, build_shapes_retriever, load_pretrained_retriever, SHAPES_RETRIEVER
 from core.checkpoint import BEST, LAST, BestTracker, resume, save_checkpoint
 from core.config import parse_config, save_config
+from core.run_folder import open_run_folder
 from core.data import LoaderOptions, epoch_batches, verify_images
 from core.device import autocast, seed_everything, set_threads
 from core.distributed import (DistInfo, all_reduce_mean, barrier, broadcast_object, check_batch_divisible, cleanup,
@@ -81,8 +82,7 @@ class TrainConfig(LoaderOptions):
     max_triplets: int = 0  # use only the first N training triplets (0 = all)
     seed: int = 0
     threads: int = 0  # torch CPU threads; 0 = one per core, 1 when the CPU is shared with other busy jobs
-    resume: bool = True
-    overwrite: bool = False
+    overwrite: bool = False  # start afresh where output_dir holds another run (core.run_folder)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -102,7 +102,8 @@ def run(cfg: TrainConfig) -> dict:
         raise InputError("config", "objective", f"must be one of {OBJECTIVES}, got {cfg.objective!r}")
     check_mode(cfg.image_tokens)
     out = Path(cfg.output_dir)
-    if (out / "metrics.json").is_file() and (out / BEST / "meta.json").is_file() and not cfg.overwrite:
+    start = open_run_folder(out, cfg, overwrite=cfg.overwrite)
+    if start.reuse_finished and (out / "metrics.json").is_file() and (out / BEST / "meta.json").is_file():
         print(f"[cir.train] {out} is finished; reusing it (--overwrite true to retrain)")
         return read_json(out / "metrics.json")
     seed_everything(cfg.seed)
@@ -269,7 +270,8 @@ def fit(model: ComposedRetriever, train: CIRSplit, bank: TokenBank, val: CIRSpli
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = warmup_cosine(opt, cfg.warmup_steps, total, floor=0.1)
     step, tracker_best = 0, BestTracker()
-    if cfg.resume and (out / LAST / "training_state.pt").is_file():
+    # the folder was checked by core.run_folder (run): a checkpoint-last here is this config's run
+    if (out / LAST / "training_state.pt").is_file():
         step, meta = resume(out / LAST, stage="cir", model=model, optimizer=opt, scheduler=sched)
         tracker_best = BestTracker(meta.get("best_val_avg"))
         if dist.is_main:

@@ -7,7 +7,9 @@ pretrained InstructBLIP parts (`--pretrained Salesforce/instructblip-vicuna-7b`)
 
 Reads a CIRR-layout folder and the frozen dense image tower; writes `{output_dir}/checkpoint-best/` (the generator
 folder, `core.modtext.load_modification_generator`), `metrics.json` (ROUGE on held-out annotated pairs: val for
-selection, test for the report, plus a shuffled-reference chance level) and `config.yaml`. A finished run is not redone.
+selection, test for the report, plus a shuffled-reference chance level), `config.yaml` and `checkpoint-last/` (the
+trained weights without the frozen parts, optimizer, step, RNG: written when the LM pretraining ends and at every
+validation, so a killed run resumes where it stopped). A finished run is not redone (core.run_folder).
 
 Under torchrun every rank draws the same global batch (one seeded stream, as one process draws it) and trains on its
 contiguous share; the text losses are token sums over the share divided by the global batch's token count / world
@@ -26,8 +28,9 @@ import torch
 from cir.data import CIRSplit, load_cirr
 from cir.features import TokenBank, check_mode, token_source
 from cir.metrics import generation_scores
-from core.checkpoint import BEST
+from core.checkpoint import BEST, LAST, read_meta, resume, save_checkpoint
 from core.config import parse_config, save_config
+from core.run_folder import open_run_folder
 from core.data import LoaderOptions, verify_images
 from core.device import autocast, seed_everything, set_threads
 from core.distributed import (DistInfo, all_reduce_mean, barrier, broadcast_object, check_batch_divisible, cleanup,
@@ -73,7 +76,7 @@ class MTSTConfig(LoaderOptions):
     num_beams: int = 1
     seed: int = 0
     threads: int = 0  # torch CPU threads; 0 = one per core, 1 when the CPU is shared with other busy jobs
-    overwrite: bool = False  # retrain even if output_dir holds a finished run
+    overwrite: bool = False  # start afresh where output_dir holds another run (core.run_folder)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -93,7 +96,8 @@ def run(cfg: MTSTConfig) -> dict:
         check_batch_divisible(cfg.lm_batch_size, world, key="lm_batch_size")
     check_mode(cfg.image_tokens)
     out = Path(cfg.output_dir)
-    if (out / "metrics.json").is_file() and (out / BEST / "meta.json").is_file() and not cfg.overwrite:
+    start = open_run_folder(out, cfg, overwrite=cfg.overwrite)
+    if start.reuse_finished and (out / "metrics.json").is_file() and (out / BEST / "meta.json").is_file():
         print(f"[mtst] {out} is finished; reusing it (--overwrite true to retrain)")
         return read_json(out / "metrics.json")
     seed_everything(cfg.seed)
@@ -115,11 +119,12 @@ def run(cfg: MTSTConfig) -> dict:
                                 cache / f"{Path(cfg.cirr_root).name}_{name}", cfg, dist) for name, s in splits.items()}
     pretrain_lm = not cfg.pretrained and cfg.lm_steps > 0
     objective = _wrap(gen, cfg, dist, pretrain_lm)
+    last = out / LAST if not start.fresh and (out / LAST / "training_state.pt").is_file() else None
     if pretrain_lm:
-        pretrain_language_model(gen, objective, _lm_corpus(cfg, train), cfg, tracker, dist)
+        pretrain_language_model(gen, objective, _lm_corpus(cfg, train), cfg, tracker, dist, resume_from=last)
     gen.language_model.requires_grad_(not cfg.freeze_language_model)
     best = train_qformer(gen, objective, train, banks[cfg.train_split], splits[cfg.val_split], banks[cfg.val_split],
-                         cfg, tracker, dist)
+                         cfg, tracker, dist, resume_from=last)
     metrics: dict = {}
     if dist.is_main:
         final = load_best(out, dist.device)
@@ -205,15 +210,21 @@ def lm_text_loss(gen: ModificationTextGenerator, texts: Sequence[str], normalize
 
 def pretrain_language_model(gen: ModificationTextGenerator, objective: torch.nn.Module,
                             corpus: tuple[list[str], list[str]], cfg: MTSTConfig, tracker: Tracker,
-                            dist: DistInfo | None = None) -> None:
+                            dist: DistInfo | None = None, resume_from: Path | None = None) -> None:
     """Shapes only: teach the tiny LM the world's language from text (half modification texts, half captions), the
-    stand-in for a pretrained LLM; it is frozen afterwards. Each rank trains on its share of the global batch."""
+    stand-in for a pretrained LLM; it is frozen afterwards. Each rank trains on its share of the global batch.
+    Ends with checkpoint-last/ of phase "lm"; `resume_from` (a checkpoint-last/ of either phase) skips the phase."""
     dist = dist or DistInfo(device=gen.device)
     mod_texts, captions = corpus
     lm, tok = gen.language_model, gen.lm_tokenizer
     lm.requires_grad_(True)
     lm.train()
     opt = torch.optim.AdamW(lm.parameters(), lr=cfg.lm_lr, weight_decay=0.01)
+    if resume_from is not None:
+        if read_meta(resume_from, MTST_STAGE)["phase"] == "lm":  # a Q-Former checkpoint restores the LM itself
+            resume(resume_from, stage=MTST_STAGE, model=TrainedWeights(gen, cfg), optimizer=opt)
+        lm.eval()
+        return
     rng = np.random.default_rng(cfg.seed)
     bar = progress(range(cfg.lm_steps), desc="mtst: LM on text", enabled=dist.is_main)
     for step in bar:
@@ -233,6 +244,34 @@ def pretrain_language_model(gen: ModificationTextGenerator, objective: torch.nn.
             bar.set_postfix(loss=f"{shown:.3f}")
             tracker.log({"lm/loss": shown}, step=step)
     lm.eval()
+    if dist.is_main:
+        save_checkpoint(Path(cfg.output_dir) / LAST, stage=MTST_STAGE, model=TrainedWeights(gen, cfg), step=0,
+                        optimizer=opt, config=cfg, extra={"phase": "lm"})
+    barrier(dist)
+
+
+MTST_STAGE = "mtst"
+
+
+class TrainedWeights(torch.nn.Module):
+    """What checkpoint-last/ saves of the generator: everything but its frozen parts (the image tower always, the
+    language model when it is a pretrained one left frozen), so a real run's last checkpoint is the trained part."""
+
+    def __init__(self, gen: ModificationTextGenerator, cfg: MTSTConfig):
+        super().__init__()
+        object.__setattr__(self, "gen", gen)  # not a submodule: only state_dict below is seen
+        frozen_lm = bool(cfg.pretrained) and cfg.freeze_language_model
+        self.skipped = ("image_encoder.",) + (("language_model.",) if frozen_lm else ())
+
+    def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.gen.state_dict().items() if not k.startswith(self.skipped)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True, assign: bool = False):
+        missing, unexpected = self.gen.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith(self.skipped)]
+        if missing or unexpected:
+            raise InputError("checkpoint-last/model.pt", "weights",
+                             f"does not match this generator: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
 def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
@@ -242,8 +281,9 @@ def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
 
 def train_qformer(gen: ModificationTextGenerator, objective: torch.nn.Module, train: CIRSplit, bank: TokenBank,
                   val: CIRSplit, val_bank: TokenBank, cfg: MTSTConfig, tracker: Tracker,
-                  dist: DistInfo | None = None) -> dict:
-    """The InstructBLIP objective on (reference, target) → annotated text; best val ROUGE-L is kept (rank 0)."""
+                  dist: DistInfo | None = None, resume_from: Path | None = None) -> dict:
+    """The InstructBLIP objective on (reference, target) → annotated text; best val ROUGE-L is kept (rank 0), and
+    checkpoint-last/ of phase "qformer" after every validation, which `resume_from` continues."""
     dist = dist or DistInfo(device=gen.device)
     triplets = [t for t in train.triplets if t.target is not None]
     if not triplets:
@@ -255,10 +295,15 @@ def train_qformer(gen: ModificationTextGenerator, objective: torch.nn.Module, tr
     batches = [[triplets[i] for i in rng.integers(len(triplets), size=cfg.batch_size)] for _ in range(cfg.steps)]
     shares = [rank_share(b, dist) for b in batches]
     best: dict = {}
-    bar = progress(total=cfg.steps, desc="mtst: Q-Former", enabled=dist.is_main)
+    done = 0
+    if resume_from is not None and read_meta(resume_from, MTST_STAGE)["phase"] == "qformer":
+        done, meta = resume(resume_from, stage=MTST_STAGE, model=TrainedWeights(gen, cfg), optimizer=opt)
+        best = meta.get("best", {})
+    batches, shares = batches[done:], shares[done:]
+    bar = progress(total=cfg.steps, initial=done, desc="mtst: Q-Former", enabled=dist.is_main)
     objective.train()
     tokens = bank.batches([[t.reference for t in s] + [t.target for t in s] for s in shares])
-    for step, (batch, share, step_tokens) in enumerate(zip(batches, shares, tokens), start=1):
+    for step, (batch, share, step_tokens) in enumerate(zip(batches, shares, tokens), start=done + 1):
         ref = step_tokens.get([t.reference for t in share], gen.device)
         tgt = step_tokens.get([t.target for t in share], gen.device)
         texts = [t.caption for t in batch]
@@ -282,6 +327,9 @@ def train_qformer(gen: ModificationTextGenerator, objective: torch.nn.Module, tr
                     best = {**scores, "step": step}
                     gen.save_pretrained(Path(cfg.output_dir) / BEST,
                                         meta={"step": step, "val_ROUGE-L": scores["ROUGE-L"]})
+                save_checkpoint(Path(cfg.output_dir) / LAST, stage=MTST_STAGE, model=TrainedWeights(gen, cfg),
+                                step=step, optimizer=opt, config=cfg,
+                                extra={"phase": "qformer", "best": best})
             barrier(dist)
             objective.train()
     bar.close()

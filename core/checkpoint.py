@@ -48,8 +48,10 @@ def save_checkpoint(
     config: Any = None,
     extra: dict[str, Any] | None = None,
     model_files: Any = None,
+    generators: dict[str, torch.Generator] | None = None,
 ) -> Path:
-    """Write a checkpoint folder atomically. `model_files(folder)` may add files (e.g. an encoder spec)."""
+    """Write a checkpoint folder atomically. `model_files(folder)` may add files (e.g. an encoder spec);
+    `generators` are the run's own random generators (beside the global ones), restored by `resume`."""
     folder = Path(folder)
     with atomic_dir(folder) as tmp:
         torch.save(unwrap(model).state_dict(), tmp / "model.pt")
@@ -60,6 +62,7 @@ def save_checkpoint(
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
                     "step": step,
                     "rng": rng_state(),
+                    "generators": {k: g.get_state() for k, g in (generators or {}).items()},
                 },
                 tmp / "training_state.pt",
             )
@@ -91,8 +94,9 @@ def load_model_weights(folder: str | Path, model: torch.nn.Module, stage: str | 
 
 
 def resume(folder: str | Path, *, stage: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-           scheduler: Any = None) -> tuple[int, dict[str, Any]]:
-    """Restore model, optimizer, scheduler and RNG from `checkpoint-last/`; return (step, meta)."""
+           scheduler: Any = None, generators: dict[str, torch.Generator] | None = None) -> tuple[int, dict[str, Any]]:
+    """Restore model, optimizer, scheduler, RNG and the run's own `generators` from `checkpoint-last/`; return
+    (step, meta)."""
     folder = Path(folder)
     meta = load_model_weights(folder, model, stage)
     path = folder / "training_state.pt"
@@ -103,6 +107,12 @@ def resume(folder: str | Path, *, stage: str, model: torch.nn.Module, optimizer:
     if scheduler is not None and state["scheduler"] is not None:
         scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
+    saved = state.get("generators", {})
+    for name, generator in (generators or {}).items():
+        if name not in saved:
+            raise InputError(path, "generators", f"no state of the '{name}' generator: this checkpoint was written by "
+                                                 f"an older version; resuming it would not replay the run")
+        generator.set_state(saved[name])
     return int(state["step"]), meta
 
 

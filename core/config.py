@@ -72,13 +72,45 @@ def load_saved_config(cls: type[T], path: str | Path) -> T:
 
 
 def help_text(cls: type) -> str:
+    """Every option with its type, default and the comment its dataclass field carries (the one-line `# ...` after
+    it, or the comment lines just above it)."""
     hints = typing.get_type_hints(cls)
+    comments = field_comments(cls)
     lines = [f"{cls.__name__} options (--config FILE.yaml, then --key value):"]
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
-        lines.append(f"  --{f.name} {_type_name(hints[f.name])} = {default!r}")
+        line = f"  --{f.name} {_type_name(hints[f.name])} = {default!r}"
+        lines.append(f"{line}  # {comments[f.name]}" if f.name in comments else line)
     return "\n".join(lines)
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """Field name → its comment in the source of `cls` and its dataclass bases (a subclass's comment wins)."""
+    import inspect
+    import re
+
+    found: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = inspect.getsource(klass).splitlines()
+        except (OSError, TypeError):  # defined where no source is kept (an interactive session)
+            continue
+        above: list[str] = []
+        for text in source[1:]:
+            stripped = text.strip()
+            if stripped.startswith("#"):
+                above.append(stripped.lstrip("# ").rstrip())
+                continue
+            field = re.match(r"\s+(\w+)\s*:[^=]*(?:=.*?)?(?:#\s*(.*))?$", text)
+            if field and not stripped.startswith(("def ", "@")):
+                comment = field.group(2) or " ".join(above)
+                if comment:
+                    found[field.group(1)] = comment.strip()
+            above = []
+    return found
 
 
 def _split_argv(cls: type, argv: list[str]) -> tuple[Path | None, dict[str, Any]]:

@@ -55,6 +55,11 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
 
 
+def rank_from_env() -> int:
+    """This process's global rank as torchrun announces it (0 outside torchrun), readable before the group is joined."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def check_batch_divisible(batch_size: int, world_size: int, source: str = "config", key: str = "batch_size") -> None:
     """A global batch is split evenly over ranks, so that DDP's gradient average equals the global batch's."""
     if batch_size < 1:

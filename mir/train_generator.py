@@ -31,6 +31,7 @@ from PIL import Image
 
 from core.checkpoint import BEST, LAST, read_meta, resume, save_checkpoint
 from core.config import parse_config, save_config
+from core.run_folder import open_run_folder
 from core.data import (EpochBatchSampler, ImageRecord, LoaderOptions, image_batches, load_karpathy, make_loader,
                        open_image, verify_images)
 from core.device import autocast, derive_seed, seed_everything, set_threads
@@ -78,7 +79,7 @@ class TrainGeneratorConfig(LoaderOptions):
     sample_every: int = 0  # write a sheet of EMA samples every this many steps (0: only at the end)
     seed: int = 0
     threads: int = 0  # torch CPU threads; 0 = one per core, 1 when the CPU is shared with other busy jobs
-    resume: bool = True
+    overwrite: bool = False  # start afresh where output_dir holds another run (core.run_folder)
     summary: str = ""  # results.json to add the row mir/generator to (empty: none)
     wandb_project: str = "genretrieval"
 
@@ -155,7 +156,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         require_scenes(cfg)
     out = Path(cfg.output_dir)
     best = out / BEST
-    if (best / "meta.json").is_file() and read_meta(best, STAGE).get("step") == cfg.steps and (out / "metrics.json").is_file():
+    start = open_run_folder(out, cfg, overwrite=cfg.overwrite)
+    if (start.reuse_finished and (best / "meta.json").is_file() and read_meta(best, STAGE).get("step") == cfg.steps
+            and (out / "metrics.json").is_file()):
         print(f"generator already trained for {cfg.steps} steps: {best}")
         return _read_metrics(out)
     train = load_karpathy(cfg.data_json, cfg.image_root, "train")
@@ -180,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     opt = torch.optim.AdamW(model.unet.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
     step = 0
-    if cfg.resume and (out / LAST / "training_state.pt").is_file():
+    if not start.fresh and (out / LAST / "training_state.pt").is_file():
         step, _ = resume(out / LAST, stage=STAGE, model=model, optimizer=opt, scheduler=sched)
         if dist.is_main:
             print(f"resumed generator training at step {step}")

@@ -80,3 +80,26 @@ def test_a_saved_config_is_written_with_what_made_the_run(tmp_path):
         head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                               cwd=Path(core.__file__).parent).stdout.strip()
         assert made["git"]["commit"] == head and isinstance(made["git"]["dirty"], bool)
+
+
+@dataclass
+class Commented:
+    # the optimiser's peak learning rate,
+    # reached after the warmup
+    lr: float = 1e-3
+    steps: int = 10  # optimizer steps
+    bare: int = 0
+
+
+@dataclass
+class CommentedMore(Commented):
+    steps: int = 20  # steps of this stage
+
+
+def test_help_prints_each_fields_comment_from_the_source():
+    from core.config import help_text
+
+    text = help_text(CommentedMore)
+    assert "--lr float = 0.001  # the optimiser's peak learning rate, reached after the warmup" in text
+    assert "--steps int = 20  # steps of this stage" in text  # the subclass's own comment
+    assert "--bare int = 0\n" in text + "\n" and "bare int = 0  #" not in text

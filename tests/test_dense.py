@@ -41,7 +41,8 @@ def _train_args(world, out, **over):
 
 
 def test_killed_run_resumes_from_its_step(shapes_world, tmp_path):
-    """Kill a run after its step-4 checkpoint; --resume continues from step 4, not from 0."""
+    """Kill a run after its step-4 checkpoint; the same command continues from step 4, not from 0; another
+    learning rate is refused (core.run_folder), not silently ignored."""
     out = tmp_path / "run"
     code = (
         "import sys, retriever.dense.train as t\n"
@@ -55,13 +56,13 @@ def test_killed_run_resumes_from_its_step(shapes_world, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "WANDB_MODE": "disabled"})
     assert proc.returncode == 9
     assert read_meta(out / LAST)["step"] == 4
-    with pytest.raises(InputError, match="already holds a run"):
-        train.main(_train_args(shapes_world, out))
+    with pytest.raises(InputError, match="config.yaml: lr: .*0.001 -> 0.002"):
+        train.main(_train_args(shapes_world, out, lr=2e-3))
     resumed = []
     orig = train._save_last
     train._save_last = lambda *a: (resumed.append(a[4]), orig(*a))
     try:
-        train.main(_train_args(shapes_world, out, resume="true"))
+        train.main(_train_args(shapes_world, out))
     finally:
         train._save_last = orig
     assert resumed and resumed[0] == 6  # first save after the resume: the run went on from step 4

@@ -1,7 +1,7 @@
 """Train the dense dual encoder (CLIP-style, InfoNCE in both directions) on Karpathy-split image–caption data.
 
-Reads `data_json` + `image_root`; writes `output_dir/` with `config.yaml`, `checkpoint-last/` (resumable with
-`--resume`), `checkpoint-best/` (best validation mean recall; a dual-encoder folder other stages load) and
+Reads `data_json` + `image_root`; writes `output_dir/` with `config.yaml`, `checkpoint-last/` (a rerun with the
+same config resumes it: core.run_folder), `checkpoint-best/` (best validation mean recall; a dual-encoder folder other stages load) and
 `metrics.json`. Runs under `torchrun` unchanged (DDP, gloo on CPU, nccl on GPU).
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ from open_clip.loss import ClipLoss
 
 from core.checkpoint import BEST, LAST, BestTracker, read_meta, resume, save_checkpoint, unwrap
 from core.config import parse_config, save_config
+from core.run_folder import open_run_folder
 from core.data import (EpochBatchSampler, ImageCaptionPairs, ImageRecord, LoaderOptions, caption_queries,
                        load_karpathy_splits, make_loader, verify_images)
 from core.device import autocast, seed_everything
@@ -64,14 +65,14 @@ class TrainConfig(LoaderOptions):
     twin_edits: list = field(default_factory=list)
     world_dir: str = ""
     seed: int = 0
-    resume: bool = False  # continue from output_dir/checkpoint-last if it exists
+    overwrite: bool = False  # start afresh in an output_dir that holds another run (core.run_folder)
     wandb_project: str = "genretrieval"
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     cfg = parse_config(TrainConfig, argv)
     out = Path(cfg.output_dir)
-    _check_output_dir(out, cfg.resume)
+    start = open_run_folder(out, cfg, overwrite=cfg.overwrite)
     splits = load_karpathy_splits(cfg.data_json, cfg.image_root, [cfg.train_split, cfg.val_split])
     train_records, val_records = splits[cfg.train_split], splits[cfg.val_split]
     if cfg.max_val_images:
@@ -98,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     scheduler = warmup_cosine(optimizer, cfg.warmup_steps, total_steps)
 
     step, best = 0, BestTracker()
-    if cfg.resume and (out / LAST).is_dir():
+    if not start.fresh and (out / LAST).is_dir():
         step, meta = resume(out / LAST, stage=STAGE, model=model, optimizer=optimizer, scheduler=scheduler)
         best = BestTracker(meta.get("best"))
         if dist.is_main:
@@ -201,11 +202,6 @@ class _TwinMaker:
         # a one-object scene cannot lose an object and a full one cannot gain one: fall back to any edit
         kinds = [k for k in self.kinds if k in possible_kinds(scene)]
         return kinds or possible_kinds(scene)
-
-
-def _check_output_dir(out: Path, resuming: bool) -> None:
-    if (out / LAST).is_dir() and not resuming:
-        raise InputError(out, "output_dir", "already holds a run; pass --resume to continue it or choose another folder")
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:

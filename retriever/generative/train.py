@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from core.checkpoint import BEST, LAST, BestTracker, read_meta, resume, save_checkpoint
-from core.config import parse_config
+from core.config import parse_config, save_config
 from core.device import autocast, seed_everything
 from core.distributed import (all_reduce_mean, barrier, check_batch_divisible, cleanup, init_distributed, rank_share,
                               world_size_from_env, wrap_model)
@@ -30,6 +30,7 @@ from core.errors import InputError
 from core.io import atomic_write_json, read_jsonl
 from core.logging import Tracker, progress, write_metrics
 from core.metrics import mean_recall, recall_from_rankings
+from core.run_folder import CONFIG, open_run_folder
 from core.schedule import warmup_cosine
 from retriever.generative.decoding import CorpusTrie, generate_rankings
 from retriever.generative.model import (SET_LOSSES, SHAPES_T5, STAGE, GenerativeRetriever, RetrieverSpec, build_t5,
@@ -63,8 +64,7 @@ class RetrieverTrainConfig:
     eval_every: int = 2  # epochs between validations (and the last epoch)
     max_val_queries: int = 500
     max_query_len: int = 48
-    resume: bool = True
-    overwrite: bool = False
+    overwrite: bool = False  # start afresh where output_dir holds another run (core.run_folder)
     wandb_project: str = "genretrieval"
     seed: int = 0
 
@@ -192,7 +192,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     ids = Identifiers(cfg.codes)
     train = QueryData(Path(cfg.data_dir) / "train.jsonl", ids)
     val = QueryData(Path(cfg.data_dir) / "val.jsonl", ids)
-    if (out / BEST).is_dir() and not cfg.overwrite and read_meta(out / BEST, STAGE).get("done"):
+    start = open_run_folder(out, cfg, overwrite=cfg.overwrite)
+    if start.reuse_finished and (out / BEST).is_dir() and read_meta(out / BEST, STAGE).get("done"):
         print(f"stage {cfg.stage} already trained in {out} (--overwrite true to retrain)")
         return out / BEST
 
@@ -214,9 +215,12 @@ def main(argv: Sequence[str] | None = None) -> Path:
     warmup = min(cfg.warmup_steps, total // 10 + 1)
     scheduler = warmup_cosine(optimizer, warmup, total)
     step, best = 0, BestTracker()
-    if cfg.resume and (out / LAST).is_dir() and not cfg.overwrite:
+    if not start.fresh and (out / LAST).is_dir():
         step, meta = resume(out / LAST, stage=STAGE, model=model, optimizer=optimizer, scheduler=scheduler)
         best = BestTracker(meta.get("best"))
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / CONFIG)
     tracker = Tracker(out, cfg, project=cfg.wandb_project, name=f"comgtir-{cfg.stage}-{out.parent.parent.name}",
                       enabled=dist.is_main)
     files = save_retriever_files(model, tokenizer)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from core.checkpoint import BEST, LAST, BestTracker, read_meta, resume, save_checkpoint
-from core.config import parse_config
+from core.config import parse_config, save_config
 from core.data import LoaderOptions, image_batches, load_karpathy_splits, verify_images
 from core.device import autocast, seed_everything
 from core.distributed import (DistInfo, all_reduce_mean, barrier, broadcast_object, check_batch_divisible, cleanup,
@@ -31,6 +31,7 @@ from core.io import (EmbeddingWriter, ShardedRows, atomic_write_json, embeddings
                      load_embeddings, open_embeddings)
 from core.logging import Tracker, progress, write_metrics
 from core.metrics import recall_from_rankings
+from core.run_folder import CONFIG, open_run_folder
 from retriever.generative.itm import ITM_STAGE, DenseTokenFeatures, ITMSpec, ShapesITM, itm_loss, save_itm_files
 
 
@@ -55,8 +56,7 @@ class ITMTrainConfig(LoaderOptions):
     lr: float = 5e-4
     val_queries: int = 300
     val_depth: int = 10
-    overwrite: bool = False
-    resume: bool = True
+    overwrite: bool = False  # start afresh where output_dir holds another run (core.run_folder)
     wandb_project: str = "genretrieval"
     seed: int = 0
 
@@ -213,7 +213,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     splits = load_karpathy_splits(cfg.data_json, cfg.image_root, ["train", "val"])
     train_recs, val_recs = splits["train"], splits["val"]
     text_ids, image_ids, negs = hard_negatives(emb_dir, "train", cfg.hard_k)
-    if (out / BEST).is_dir() and not cfg.overwrite and read_meta(out / BEST, ITM_STAGE).get("done"):
+    start = open_run_folder(out, cfg, overwrite=cfg.overwrite)
+    if start.reuse_finished and (out / BEST).is_dir() and read_meta(out / BEST, ITM_STAGE).get("done"):
         print(f"ITM already trained in {out} (--overwrite true to retrain)")
         return out / BEST
     val_ids = open_embeddings(emb_dir / "image_val")[1]
@@ -255,9 +256,12 @@ def main(argv: Sequence[str] | None = None) -> Path:
     steps_per_epoch = max(1, n_q // cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     step, best = 0, BestTracker()
-    if cfg.resume and (out / LAST).is_dir() and not cfg.overwrite:
+    if not start.fresh and (out / LAST).is_dir():
         step, meta = resume(out / LAST, stage=ITM_STAGE, model=model, optimizer=optimizer)
         best = BestTracker(meta.get("best"))
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / CONFIG)
     tracker = Tracker(out, cfg, project=cfg.wandb_project, name=f"comgtir-itm-{out.parent.parent.name}",
                       enabled=dist.is_main)
     val = ValQueries.load(cfg) if dist.is_main else None

@@ -3,7 +3,8 @@
 Reads the train/val splits (queries + passages JSONL), the towers (`encoder`: a dual-encoder folder) and, for
 `features` = cache, their cached per-layer tokens (python -m retriever.ret.cache); for `features` = live the
 towers run on every batch from a DataLoader. Writes, for each variant, `output_dir/{variant}/` with
-`config.yaml`, `checkpoint-last/` (cells, optimizer, scheduler, step, RNG: `--resume true` continues it) and
+`config.yaml`, `checkpoint-last/` (cells, optimizer, scheduler, step, RNG: a rerun with the same config
+continues it, core.run_folder) and
 `checkpoint-best/` (best validation mean recall; a folder that `RetrieverModel.from_pretrained` opens; the
 frozen towers are named in it, not copied), and `metrics.json`.
 Runs under torchrun unchanged: each rank encodes its share of the global batch, the query and passage tokens are
@@ -24,6 +25,7 @@ from torch import nn
 
 from core.checkpoint import BEST, LAST, BestTracker, read_meta, resume, save_checkpoint
 from core.config import parse_config, save_config
+from core.run_folder import MAY_CHANGE_ON_RESUME, RunStart, open_run_folder
 from core.data import EpochBatchSampler, LoaderOptions, verify_images
 from core.device import autocast, derive_seed, seed_everything
 from core.distributed import (DistInfo, all_reduce_mean, barrier, check_batch_divisible, cleanup, gather_with_grad,
@@ -70,7 +72,7 @@ class TrainConfig(LoaderOptions):
     eval_every: int = 0  # validate every N steps; 0 = at the end of each epoch
     max_val_queries: int = 0  # 0 = all
     seed: int = 0
-    resume: bool = False  # continue output_dir/{variant}/checkpoint-last; a finished variant is skipped
+    overwrite: bool = False  # start each variant afresh even where its folder holds another run (core.run_folder)
     wandb_project: str = "genretrieval"
 
 
@@ -97,10 +99,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     mode = resolve_features(cfg.features, encoder_spec)
     depth = (encoder_spec.get("text", {}).get("layers"), encoder_spec.get("vision", {}).get("layers"))
     configs = {v: variant_config(cfg, v, *depth) for v in cfg.variants}  # bad variants fail before any work
-    for variant in configs:
-        if (Path(cfg.output_dir) / variant / LAST).is_dir() and not cfg.resume:
-            raise InputError(Path(cfg.output_dir) / variant, "output_dir",
-                             "already holds a run; pass --resume true to continue it or choose another folder")
+    # every variant folder is checked before any work; which variants a rerun trains may change
+    starts = {v: open_run_folder(Path(cfg.output_dir) / v, cfg, overwrite=cfg.overwrite,
+                                 may_change=MAY_CHANGE_ON_RESUME | {"variants"}) for v in configs}
     train_files = (cfg.queries_file.format(split=cfg.train_split), cfg.passages_file.format(split=cfg.train_split))
     val_files = (cfg.queries_file.format(split=cfg.val_split), cfg.passages_file.format(split=cfg.val_split))
     train = load_m2kr(*train_files, cfg.image_root, strict=True)  # every training query needs its positive
@@ -122,7 +123,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
         if dist.is_main else None
     results = {}
     for variant, model_cfg in configs.items():
-        results[variant] = train_variant(cfg, variant, model_cfg, encoder, train, val, train_source, val_source, dist)
+        results[variant] = train_variant(cfg, variant, model_cfg, encoder, train, val, train_source, val_source, dist,
+                                         starts[variant])
     if dist.is_main:
         print(format_table(results, title="ReT validation (best checkpoint)", row_header="variant"))
     cleanup(dist)
@@ -162,7 +164,7 @@ class TrainPairs(torch.utils.data.Dataset):
 
 def train_variant(cfg: TrainConfig, variant: str, model_cfg: RetrieverConfig, encoder: DualEncoder, train: M2KRSplit,
                   val: M2KRSplit, train_source: CachedSource | LiveSource, val_source: CachedSource | LiveSource | None,
-                  dist: DistInfo) -> dict[str, float]:
+                  dist: DistInfo, start: RunStart) -> dict[str, float]:
     out = Path(cfg.output_dir) / variant
     device = dist.device
     seed_everything(cfg.seed)  # the same cells on every rank (DDP would broadcast rank 0's anyway)
@@ -176,7 +178,7 @@ def train_variant(cfg: TrainConfig, variant: str, model_cfg: RetrieverConfig, en
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     scheduler = warmup_cosine(optimizer, cfg.warmup_steps, total)
     step, best = 0, BestTracker()
-    if cfg.resume and (out / LAST).is_dir():
+    if not start.fresh and (out / LAST).is_dir():
         step, meta = resume(out / LAST, stage=STAGE, model=cells, optimizer=optimizer, scheduler=scheduler)
         best = BestTracker(meta.get("best"))
         if step >= total:

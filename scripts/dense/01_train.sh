@@ -12,4 +12,4 @@ LR=1e-3
 launch retriever.dense.train --config configs/dense/shapes.yaml \
   --data_json "$DATA_DIR/dataset_shapes.json" --image_root "$DATA_DIR/images" \
   --output_dir "$RUN_DIR/dense" --epochs "$EPOCHS" --batch_size "$BATCH_SIZE" --lr "$LR" \
-  --seed "$SEED" --resume true "$@"
+  --seed "$SEED" "$@"

@@ -15,4 +15,4 @@ launch retriever.ret.train --config configs/ret/shapes.yaml --encoder "$RUN_DIR/
   --queries_file "$DATA_DIR/m2kr/shapes_{split}.jsonl" --passages_file "$DATA_DIR/m2kr/shapes_passages_{split}.jsonl" \
   --image_root "$DATA_DIR" --cache_dir "$RUN_DIR/ret/cache" --output_dir "$RUN_DIR/ret" \
   --variants "$VARIANTS" --epochs "$EPOCHS" --max_steps "$MAX_STEPS" --batch_size "$BATCH_SIZE" --lr "$LR" \
-  --seed "$SEED" --resume true "$@"
+  --seed "$SEED" "$@"

@@ -44,3 +44,20 @@ def tiny_blip(tmp_path_factory):
         cls(config).save_pretrained(folder / name)
         processor.save_pretrained(folder / name)
     return folder
+
+
+@pytest.fixture(scope="session")
+def comgtir_data(shapes_world, codes_path, tmp_path_factory):
+    """The retriever's training data for the tiny world: pseudo queries, then `prepare_dataset`'s folder."""
+    from retriever.generative import prepare_dataset
+    from tools import generate_pseudo_query
+
+    codes, _, _ = codes_path
+    out = tmp_path_factory.mktemp("comgtir_data")
+    generate_pseudo_query.main(["--data_json", str(shapes_world / "dataset_shapes.json"), "--image_root",
+                                str(shapes_world / "images"), "--scenes", str(shapes_world / "scenes.json"),
+                                "--n_per_image", "3", "--output", str(out / "pseudo.jsonl")])
+    prepare_dataset.main(["--data_json", str(shapes_world / "dataset_shapes.json"), "--image_root",
+                          str(shapes_world / "images"), "--codes", str(codes), "--pseudo_queries",
+                          str(out / "pseudo.jsonl"), "--output_dir", str(out / "data")])
+    return out / "data"

@@ -12,19 +12,12 @@ T5 = '{"d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 2, "num_decoder_lay
 
 
 @pytest.fixture(scope="module")
-def pipeline(shapes_world, dense_run, codes_path, tmp_path_factory):
-    from retriever.generative import merge, prepare_dataset, train
-    from tools import generate_pseudo_query
+def pipeline(comgtir_data, codes_path, tmp_path_factory):
+    from retriever.generative import merge, train
 
     codes, _, _ = codes_path
     out = tmp_path_factory.mktemp("comgtir")
-    generate_pseudo_query.main(["--data_json", str(shapes_world / "dataset_shapes.json"), "--image_root",
-                                str(shapes_world / "images"), "--scenes", str(shapes_world / "scenes.json"),
-                                "--n_per_image", "3", "--output", str(out / "pseudo.jsonl")])
-    prepare_dataset.main(["--data_json", str(shapes_world / "dataset_shapes.json"), "--image_root",
-                          str(shapes_world / "images"), "--codes", str(codes), "--pseudo_queries",
-                          str(out / "pseudo.jsonl"), "--output_dir", str(out / "data")])
-    common = ["--data_dir", str(out / "data"), "--codes", str(codes), "--batch_size", "64", "--num_beams", "10",
+    common = ["--data_dir", str(comgtir_data), "--codes", str(codes), "--batch_size", "64", "--num_beams", "10",
               "--max_val_queries", "150", "--eval_every", "1"]
     s1 = train.main(["--stage", "seqid", "--output_dir", str(out / "s1"), "--model", T5, "--epochs", "5",
                      "--lr", "3e-3", "--warmup_steps", "20", *common])

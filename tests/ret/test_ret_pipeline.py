@@ -33,7 +33,7 @@ def test_train_beats_chance_and_a_finished_variant_is_not_retrained(ret_run, sha
     capsys.readouterr()
     again = train.main(["--encoder", str(dense_checkpoint), *data, "--cache_dir", str(run / "cache"),
                         "--output_dir", str(run), "--variants", "ret", "--cell", CELL, *LAYERS, "--batch_size", "64",
-                        "--epochs", "3", "--resume", "true"])
+                        "--epochs", "3", "--lr", "3e-3", "--warmup_steps", "5", "--seed", "0"])
     assert again["ret"] == val["ret"]
     assert "[ret] already trained" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in (run / "ret").rglob("*") if p.is_file()} == written

@@ -49,6 +49,19 @@ def dataclass_keys(cls: type) -> dict[str, None]:
     return {f.name: None for f in dataclasses.fields(cls)}
 
 
+def signature_keys(fn: typing.Callable, *extra: str) -> dict[str, None]:
+    """The schema of the keyword arguments `fn` takes (a diffusers model's constructor, say), plus `extra` keys."""
+    import inspect
+
+    names = [n for n, p in inspect.signature(fn).parameters.items() if n != "self" and p.kind is not p.VAR_KEYWORD]
+    return {n: None for n in [*names, *extra]}
+
+
+def hf_config_keys(config_cls: type, *extra: str) -> dict[str, None]:
+    """The schema of a Hugging Face config class: every attribute its default instance serialises, plus `extra`."""
+    return {n: None for n in [*config_cls().to_dict(), *extra]}
+
+
 def parse_config(cls: type[T], argv: Sequence[str] | None = None) -> T:
     """Build `cls` from `--config file.yaml` (optional) and `--key value` overrides in `argv`."""
     import sys

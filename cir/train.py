@@ -29,7 +29,7 @@ from cir.features import TokenBank, check_mode, token_source
 from cir.losses import gather_target_rows, prototype_alignment, ptha_loss, query_target_contrastive
 from cir.retriever import ComposedRetriever, build_shapes_retriever, load_pretrained_retriever, SHAPES_RETRIEVER
 from core.checkpoint import BEST, LAST, BestTracker, resume, save_checkpoint
-from core.config import parse_config, save_config
+from core.config import hf_config_keys, nested_keys, parse_config, save_config
 from core.run_folder import open_run_folder
 from core.data import LoaderOptions, epoch_batches, verify_images
 from core.device import autocast, seed_everything, set_threads
@@ -42,6 +42,13 @@ from core.logging import Tracker, progress, write_metrics
 from core.schedule import warmup_cosine
 
 OBJECTIVES = ("q2t", "ptha")
+
+
+def retriever_spec_keys() -> dict:
+    """What `model` may override: the keys of the Shapes retriever's spec, its Q-Former's as BLIP-2's config has them."""
+    from transformers import Blip2QFormerConfig
+
+    return {**{k: None for k in SHAPES_RETRIEVER}, "qformer": hf_config_keys(Blip2QFormerConfig)}
 
 
 @dataclass
@@ -58,7 +65,8 @@ class TrainConfig(LoaderOptions):
     data_json: str = ""  # Karpathy captions, added to the Shapes tokenizer's vocabulary ("" = none)
     dense_checkpoint: str = "runs/shapes/dense/checkpoint-best"  # frozen image encoder (Shapes)
     pretrained: str = ""  # real data: an InstructBLIP name whose ViT and Q-Former start the retriever
-    model: dict = field(default_factory=dict)  # overrides of cir.retriever.SHAPES_RETRIEVER
+    # overrides of cir.retriever.SHAPES_RETRIEVER
+    model: dict = field(default_factory=dict, metadata=nested_keys(retriever_spec_keys))
     init_from: str = ""  # a retriever folder to start from (fine-tuning after pretraining)
     output_dir: str = "runs/shapes/cir/run"
     cache_dir: str = ""  # image-token cache; default {output_dir}/../features

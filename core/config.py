@@ -19,6 +19,47 @@ from core.provenance import write_provenance
 
 T = TypeVar("T")
 CLI = "command line"
+# The keys a nested mapping option (a model spec) may hold: key -> the schema of its value (a mapping option
+# itself) or None (any value). A callable builds the schema when it is first needed (from a library's config class).
+KeySchema = typing.Mapping[str, Any]
+
+
+def nested_keys(schema: KeySchema | typing.Callable[[], KeySchema]) -> dict[str, Any]:
+    """Field metadata declaring the keys a mapping option may hold, so that a typo inside it (`model.pretrianed`) is
+    an error naming the file and the key path, not a silently different model: `field(..., metadata=nested_keys(S))`."""
+    return {"keys": schema}
+
+
+def check_nested_keys(value: Any, schema: KeySchema | typing.Callable[[], KeySchema], source: str, path: str) -> None:
+    """Refuse any key of `value` (a mapping, or a JSON object given as text) that `schema` does not list."""
+    schema = schema() if callable(schema) else schema
+    if isinstance(value, str) and value.lstrip().startswith("{"):
+        value = yaml.safe_load(value)
+    if not isinstance(value, typing.Mapping):
+        return
+    for key, item in value.items():
+        if key not in schema:
+            raise InputError(source, f"{path}.{key}", f"unknown key; known keys here: {', '.join(sorted(schema))}")
+        if schema[key] is not None:
+            check_nested_keys(item, schema[key], source, f"{path}.{key}")
+
+
+def dataclass_keys(cls: type) -> dict[str, None]:
+    """The schema of a flat config class (a dataclass): its field names, any value."""
+    return {f.name: None for f in dataclasses.fields(cls)}
+
+
+def signature_keys(fn: typing.Callable, *extra: str) -> dict[str, None]:
+    """The schema of the keyword arguments `fn` takes (a diffusers model's constructor, say), plus `extra` keys."""
+    import inspect
+
+    names = [n for n, p in inspect.signature(fn).parameters.items() if n != "self" and p.kind is not p.VAR_KEYWORD]
+    return {n: None for n in [*names, *extra]}
+
+
+def hf_config_keys(config_cls: type, *extra: str) -> dict[str, None]:
+    """The schema of a Hugging Face config class: every attribute its default instance serialises, plus `extra`."""
+    return {n: None for n in [*config_cls().to_dict(), *extra]}
 
 
 def parse_config(cls: type[T], argv: Sequence[str] | None = None) -> T:
@@ -54,6 +95,9 @@ def build_config(cls: type[T], values: dict[str, Any], source: str = CLI) -> T:
     if missing:
         raise InputError(source, missing[0], "required key has no value (set it in the YAML or with --key value)")
     coerced = {k: _coerce(cls, k, v, source) for k, v in values.items()}
+    for key, value in coerced.items():
+        if "keys" in known[key].metadata:
+            check_nested_keys(value, known[key].metadata["keys"], source, key)
     return cls(**coerced)
 
 

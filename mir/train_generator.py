@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from core.checkpoint import BEST, LAST, read_meta, resume, save_checkpoint
-from core.config import parse_config, save_config
+from core.config import nested_keys, parse_config, save_config, signature_keys
 from core.run_folder import open_run_folder
 from core.data import (EpochBatchSampler, ImageRecord, LoaderOptions, image_batches, load_karpathy, make_loader,
                        open_image, verify_images)
@@ -53,14 +53,28 @@ from mir.scene_reader import (READER_FILE, READER_RESOLUTION, complete_caption, 
                               read_cells)
 
 
+def unet_keys() -> dict[str, None]:
+    """What `unet` may set: UNet2DModel's arguments and the patch UNet's own (mir.generator.build_unet)."""
+    from diffusers import UNet2DModel
+
+    return signature_keys(UNet2DModel.__init__, "resolution", "patch")
+
+
+def scheduler_keys() -> dict[str, None]:
+    from diffusers import DDPMScheduler
+
+    return signature_keys(DDPMScheduler.__init__)
+
+
 @dataclass
 class TrainGeneratorConfig(LoaderOptions):
     data_json: str = "data/shapes/dataset_shapes.json"
     image_root: str = "data/shapes/images"
     dense_checkpoint: str = "runs/shapes/dense/checkpoint-best"  # its text tower conditions the UNet
     output_dir: str = "runs/shapes/mir/generator"
-    unet: dict = field(default_factory=lambda: copy.deepcopy(SHAPES_UNET))
-    scheduler: dict = field(default_factory=lambda: copy.deepcopy(SHAPES_SCHEDULER))
+    unet: dict = field(default_factory=lambda: copy.deepcopy(SHAPES_UNET), metadata=nested_keys(unet_keys))
+    scheduler: dict = field(default_factory=lambda: copy.deepcopy(SHAPES_SCHEDULER),
+                            metadata=nested_keys(scheduler_keys))
     batch_size: int = 64  # the global batch: under torchrun each of the w processes trains on batch_size / w
     steps: int = 1500
     lr: float = 1e-3

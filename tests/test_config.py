@@ -9,7 +9,8 @@ import torch
 
 import core
 
-from core.config import build_config, load_saved_config, parse_config, save_config
+from core.config import (build_config, dataclass_keys, load_saved_config, nested_keys, parse_config,
+                         save_config)
 from core.errors import InputError
 
 
@@ -103,3 +104,25 @@ def test_help_prints_each_fields_comment_from_the_source():
     assert "--lr float = 0.001  # the optimiser's peak learning rate, reached after the warmup" in text
     assert "--steps int = 20  # steps of this stage" in text  # the subclass's own comment
     assert "--bare int = 0\n" in text + "\n" and "bare int = 0  #" not in text
+
+
+@dataclass
+class Spec:
+    layers: int = 2
+    width: int = 8
+
+
+@dataclass
+class WithSpec:
+    model: dict = field(default_factory=dict, metadata=nested_keys(
+        lambda: {"embed_dim": None, "pretrained": None, "vision": dataclass_keys(Spec)}))
+
+
+def test_a_typo_inside_a_model_spec_names_the_file_and_the_key_path(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {embed_dim: 8, pretrianed: openai}\n")
+    with pytest.raises(InputError, match=r"c\.yaml: model\.pretrianed: unknown key; known keys here: embed_dim, "):
+        parse_config(WithSpec, ["--config", str(path)])
+    with pytest.raises(InputError, match=r"command line: model\.vision\.d_modle: unknown key"):
+        parse_config(WithSpec, ["--model", '{"vision": {"layers": 2, "d_modle": 4}}'])
+    assert parse_config(WithSpec, ["--model", '{"vision": {"layers": 3}}']).model == {"vision": {"layers": 3}}

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from core.checkpoint import BEST, LAST, BestTracker, read_meta, resume, save_checkpoint
-from core.config import parse_config, save_config
+from core.config import hf_config_keys, nested_keys, parse_config, save_config
 from core.device import autocast, seed_everything
 from core.distributed import (all_reduce_mean, barrier, check_batch_divisible, cleanup, init_distributed, rank_share,
                               world_size_from_env, wrap_model)
@@ -41,6 +41,13 @@ from rqvae.codes import Identifiers
 STAGES = ("seqid", "setid", "unified")
 
 
+def t5_keys() -> dict[str, None]:
+    """What `model` may set: T5's config attributes, or `pretrained` (a name or folder)."""
+    from transformers import T5Config
+
+    return hf_config_keys(T5Config, "pretrained")
+
+
 @dataclass
 class RetrieverTrainConfig:
     stage: str = "seqid"  # seqid (stage 1), setid (stage 2), unified (stage 3)
@@ -49,7 +56,7 @@ class RetrieverTrainConfig:
     output_dir: str = "runs/shapes/comgtir/stage1_seqid"
     init: str = ""  # checkpoint folder to start from ("" = a new model; stage 2 and 3 need one)
     tokenizer: str = "word"  # "word": a WordLevel tokenizer trained on the training queries; else a pretrained name/folder
-    model: dict = field(default_factory=lambda: dict(SHAPES_T5))  # T5 config, or {"pretrained": "t5-base"}
+    model: dict = field(default_factory=lambda: dict(SHAPES_T5), metadata=nested_keys(t5_keys))  # T5 config, or {"pretrained": "t5-base"}
     epochs: int = 20
     max_steps: int = 0  # stop after this many steps if > 0 (overrides epochs; validates at the last step)
     batch_size: int = 128  # global batch, split over ranks

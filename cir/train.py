@@ -30,7 +30,6 @@ from cir.losses import gather_target_rows, prototype_alignment, ptha_loss, query
 from cir.retriever import ComposedRetriever, build_shapes_retriever, load_pretrained_retriever, SHAPES_RETRIEVER
 from core.checkpoint import BEST, LAST, BestTracker, resume, save_checkpoint
 from core.config import hf_config_keys, nested_keys, parse_config, save_config
-from core.run_folder import open_run_folder
 from core.data import LoaderOptions, epoch_batches, verify_images
 from core.device import autocast, seed_everything, set_threads
 from core.distributed import (DistInfo, all_reduce_mean, barrier, broadcast_object, check_batch_divisible, cleanup,
@@ -39,6 +38,7 @@ from core.distributed import (DistInfo, all_reduce_mean, barrier, broadcast_obje
 from core.errors import InputError
 from core.io import read_json
 from core.logging import Tracker, progress, write_metrics
+from core.run_folder import open_run_folder
 from core.schedule import warmup_cosine
 
 OBJECTIVES = ("q2t", "ptha")

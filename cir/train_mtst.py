@@ -30,7 +30,6 @@ from cir.features import TokenBank, check_mode, token_source
 from cir.metrics import generation_scores
 from core.checkpoint import BEST, LAST, read_meta, resume, save_checkpoint
 from core.config import parse_config, save_config
-from core.run_folder import open_run_folder
 from core.data import LoaderOptions, verify_images
 from core.device import autocast, seed_everything, set_threads
 from core.distributed import (DistInfo, all_reduce_mean, barrier, broadcast_object, check_batch_divisible, cleanup,
@@ -40,6 +39,7 @@ from core.io import read_json
 from core.logging import Tracker, format_table, progress, write_metrics
 from core.modtext import (ModificationTextGenerator, build_shapes_generator, load_pretrained_instructblip,
                           token_cross_entropy)
+from core.run_folder import open_run_folder
 from core.schedule import warmup_cosine_factor
 
 

@@ -31,7 +31,6 @@ from PIL import Image
 
 from core.checkpoint import BEST, LAST, read_meta, resume, save_checkpoint
 from core.config import nested_keys, parse_config, save_config, signature_keys
-from core.run_folder import open_run_folder
 from core.data import (EpochBatchSampler, ImageRecord, LoaderOptions, image_batches, load_karpathy, make_loader,
                        open_image, verify_images)
 from core.device import autocast, derive_seed, seed_everything, set_threads
@@ -43,6 +42,7 @@ from core.io import save_figure
 from core.logging import LossSpikeWatch, Tracker, progress, write_metrics
 from core.metrics import rank_counting_ties, t2i_recall
 from core.results import update_summary
+from core.run_folder import open_run_folder
 from core.shapes.make import SCENES_FILE, load_scenes
 from core.shapes.world import Scene
 from mir.generator import (SHAPES_SCHEDULER, SHAPES_UNET, STAGE, Conditioning, PixelImages, TextConditioner,

@@ -4,7 +4,6 @@ stages and the iterative CIR loop have theirs beside their other tests."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from tests.conftest import TINY_ENCODER
 from tests.resume import assert_resume_replays_the_run

@@ -19,7 +19,6 @@ from open_clip.loss import ClipLoss
 
 from core.checkpoint import BEST, LAST, BestTracker, read_meta, resume, save_checkpoint, unwrap
 from core.config import parse_config, save_config
-from core.run_folder import open_run_folder
 from core.data import (EpochBatchSampler, ImageCaptionPairs, ImageRecord, LoaderOptions, caption_queries,
                        load_karpathy_splits, make_loader, verify_images)
 from core.device import autocast, seed_everything
@@ -28,6 +27,7 @@ from core.encoders import SHAPES_ENCODER, build_dual_encoder
 from core.errors import InputError
 from core.logging import Tracker, format_table, progress, write_metrics
 from core.metrics import mean_recall, t2i_recall
+from core.run_folder import open_run_folder
 from core.schedule import warmup_cosine
 from core.shapes.captions import CONTRAST_KINDS, contrast_caption
 from core.shapes.edits import EDIT_KINDS, edited_twin, possible_kinds

@@ -25,7 +25,6 @@ from torch import nn
 
 from core.checkpoint import BEST, LAST, BestTracker, read_meta, resume, save_checkpoint
 from core.config import parse_config, save_config
-from core.run_folder import MAY_CHANGE_ON_RESUME, RunStart, open_run_folder
 from core.data import EpochBatchSampler, LoaderOptions, verify_images
 from core.device import autocast, derive_seed, seed_everything
 from core.distributed import (DistInfo, all_reduce_mean, barrier, check_batch_divisible, cleanup, gather_with_grad,
@@ -35,6 +34,7 @@ from core.errors import InputError
 from core.io import read_json
 from core.logging import Tracker, format_table, progress, write_metrics
 from core.metrics import mean_recall, recall_from_rankings
+from core.run_folder import MAY_CHANGE_ON_RESUME, RunStart, open_run_folder
 from core.schedule import warmup_cosine
 from retriever.ret.data import M2KRSplit, load_m2kr
 from retriever.ret.features import CachedSource, Item, LiveSource, item_loader, open_source, resolve_features

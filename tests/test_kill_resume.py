@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from core.errors import InputError
 from tests.conftest import TINY_ENCODER
 from tests.resume import assert_resume_replays_the_run
 
@@ -13,11 +16,18 @@ def _flags(**kw) -> list[str]:
     return [x for k, v in kw.items() for x in (f"--{k}", str(v))]
 
 
-def test_dense_resumes_exactly(shapes_world, tmp_path, monkeypatch):
-    argv = lambda out: _flags(data_json=shapes_world / "dataset_shapes.json", image_root=shapes_world / "images",  # noqa: E731
-                              output_dir=out, model=json.dumps(TINY_ENCODER), batch_size=64, max_steps=4,
-                              warmup_steps=1, save_every=2, eval_every=4, max_val_images=20, num_workers=0, seed=0)
+def test_dense_resumes_exactly_and_refuses_another_config(shapes_world, tmp_path, monkeypatch):
+    from retriever.dense import train
+
+    argv = lambda out, **kw: _flags(**{"data_json": shapes_world / "dataset_shapes.json",  # noqa: E731
+                                       "image_root": shapes_world / "images", "output_dir": out,
+                                       "model": json.dumps(TINY_ENCODER), "batch_size": 64, "max_steps": 4,
+                                       "warmup_steps": 1, "save_every": 2, "eval_every": 4, "max_val_images": 20,
+                                       "num_workers": 0, "seed": 0, **kw})
     assert_resume_replays_the_run("retriever.dense.train", argv, tmp_path, monkeypatch)
+    # another learning rate on the finished run is refused before any work, not silently ignored
+    with pytest.raises(InputError, match=r"config.yaml: lr: .*lr: 0.001 -> 0.002.*--overwrite true"):
+        train.main(argv(tmp_path / "whole", lr=2e-3))
 
 
 def test_rqvae_resumes_exactly_with_its_codebook_generator(dense_run, tmp_path, monkeypatch):

@@ -207,7 +207,11 @@ class SetGuidedConstraint(LogitsProcessor):
     def beam_scores(self, codes: torch.Tensor) -> torch.Tensor:
         """Score of each returned beam [R, length] (beams grouped by query as generated): the sum, step by step in
         the order beam search adds them, of the scores this processor gave its tokens — so equal to Hugging
-        Face's `sequences_scores` (length_penalty 0) without keeping the vocabulary's scores at every step."""
+        Face's `sequences_scores` (length_penalty 0) without keeping the vocabulary's scores at every step.
+
+        Only for a corpus with fewer identifiers than beams does beam search return beams grown from its placeholder
+        beams (started at -1e9); each repeats a better beam's identifier, is given that beam's score here, and is
+        dropped as a duplicate after it. One processor serves one `generate` call (its trace is that call's)."""
         n_queries = len(codes) // self.num_beams
         total = torch.zeros(len(codes), device=codes.device)
         for t, (keys, cand) in enumerate(self.trace):

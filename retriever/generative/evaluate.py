@@ -20,7 +20,7 @@ from core.io import atomic_write_jsonl, read_json
 from core.logging import Tracker, format_table, write_metrics
 from core.metrics import recall_from_rankings
 from core.results import update_summary
-from retriever.generative.decoding import CorpusTrie, generate_rankings
+from retriever.generative.decoding import CorpusTrie, check_prior_mode, generate_rankings, set_index_lists
 from retriever.generative.model import load_retriever
 from rqvae.codes import Identifiers
 
@@ -33,6 +33,8 @@ class EvaluateConfig:
     split: str = "test"
     num_beams: int = 20
     guidance: float = 1.0  # weight of the set identifier's prior (0 = sequential identifier alone)
+    prior: str = "token"  # token: per-code bonus; prefix: best set score among the images a prefix reaches; both
+    prefix_top: int = 500  # images kept per query (by set score) for the prefix prior
     batch_size: int = 64
     max_query_len: int = 48
     max_queries: int = 0  # 0 = all
@@ -52,6 +54,7 @@ def load_queries(emb_dir: Path, split: str) -> tuple[list[dict], list]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     cfg = parse_config(EvaluateConfig, argv)
+    check_prior_mode(cfg.prior)
     ids = Identifiers(cfg.codes)
     texts, gallery = load_queries(Path(cfg.emb_dir), cfg.split)
     ids.require(gallery, what=f"{cfg.split} image")
@@ -61,17 +64,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     model.spec.check_fits(ids)
     device = get_device()
     model.to(device)
-    trie = CorpusTrie(torch.from_numpy(ids.matrix(gallery)), gallery, vocab.token_ids.shape[1])
+    trie = CorpusTrie(torch.from_numpy(ids.matrix(gallery)), gallery, vocab.token_ids.shape[1],
+                      set_index_lists([ids.sets[str(i)] for i in gallery]))
     ranked, scores = generate_rankings(model, tokenizer, vocab, trie, [t["raw"] for t in texts], cfg.num_beams,
                                        cfg.guidance, cfg.batch_size, cfg.max_query_len, device,
-                                       desc=f"generating ({cfg.split})")
+                                       desc=f"generating ({cfg.split})", prior=cfg.prior, prefix_top=cfg.prefix_top)
     recall = recall_from_rankings(ranked, [[t["imgid"]] for t in texts], cfg.ks)
     out = Path(cfg.output_dir)
     atomic_write_jsonl(out / "candidates.jsonl", [
         {"sentid": t["sentid"], "imgid": t["imgid"], "ranked": r, "scores": s} for t, r, s in zip(texts, ranked, scores)])
     report = {**recall, "mean_candidates": sum(map(len, ranked)) / len(ranked)}
     write_metrics(out, {"split": cfg.split, "checkpoint": cfg.checkpoint, "num_beams": cfg.num_beams,
-                        "guidance": cfg.guidance, **report})
+                        "guidance": cfg.guidance,
+                        "prior": cfg.prior, "prefix_top": cfg.prefix_top, **report})
     tracker = Tracker(out, cfg, project=cfg.wandb_project, name=f"comgtir-eval-{out.name}")
     tracker.log({f"test/{k}": v for k, v in report.items()})
     tracker.finish()

@@ -150,9 +150,31 @@ class BlipITM:
         self.model, self.processor = model.to(self.device).eval(), processor
 
     @torch.no_grad()
-    def score(self, texts: Sequence[str], images: Sequence) -> torch.Tensor:
-        inputs = self.processor(images=list(images), text=list(texts), return_tensors="pt", padding=True).to(self.device)
+    def image_embeds(self, images: Sequence) -> torch.Tensor:
+        """The vision tower's tokens [n, P, D] of each image, to be scored against many texts (score_embeds)."""
+        pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"]
         # the processor makes float32 pixels; the vision tower's first convolution wants the weights' dtype
+        pixels = pixels.to(self.device, next(self.model.parameters()).dtype)
+        with autocast(self.device):
+            return self.model.vision_model(pixel_values=pixels).last_hidden_state
+
+    @torch.no_grad()
+    def score_embeds(self, texts: Sequence[str], image_embeds: torch.Tensor) -> torch.Tensor:
+        """p(match) for aligned (text, image tokens) rows: the ITM branch of BlipForImageTextRetrieval.forward —
+        the text encoder cross-attending to the image tokens, then the ITM head on [CLS]."""
+        inputs = self.processor(text=list(texts), return_tensors="pt", padding=True).to(self.device)
+        mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
+        with autocast(self.device):
+            hidden = self.model.text_encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                             encoder_hidden_states=image_embeds.to(self.device),
+                                             encoder_attention_mask=mask).last_hidden_state
+            logits = self.model.itm_head(hidden[:, 0, :])
+        return logits.float().softmax(-1)[:, 1].cpu()
+
+    @torch.no_grad()
+    def score(self, texts: Sequence[str], images: Sequence) -> torch.Tensor:
+        """p(match) for aligned (text, image) rows, through the model's own forward (use_itm_head=True)."""
+        inputs = self.processor(images=list(images), text=list(texts), return_tensors="pt", padding=True).to(self.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(next(self.model.parameters()).dtype)
         with autocast(self.device):
             out = self.model(**inputs, use_itm_head=True)

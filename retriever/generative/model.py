@@ -90,12 +90,20 @@ class GenerativeRetriever(nn.Module):
         out = self.t5(encoder_outputs=(hidden,), attention_mask=attention_mask, labels=labels)
         return out.loss
 
+    def set_log_prob(self, set_logits: torch.Tensor) -> torch.Tensor:
+        """log p(element) over the set elements, [n, E]: a softmax over the shared book, or over each level's codes."""
+        n, levels, k = len(set_logits), self.spec.levels, self.spec.codebook_size
+        if self.spec.shared_codebook:
+            return F.log_softmax(set_logits, -1)
+        return F.log_softmax(set_logits.view(n, levels, k), -1).view(n, levels * k)
+
     def level_log_prior(self, set_logits: torch.Tensor) -> torch.Tensor:
         """log p(code | level) from the set scores, [n, L, K]: what the set identifier says about each level."""
         n, levels, k = len(set_logits), self.spec.levels, self.spec.codebook_size
+        log_prob = self.set_log_prob(set_logits)
         if self.spec.shared_codebook:
-            return F.log_softmax(set_logits, -1).unsqueeze(1).expand(n, levels, k)
-        return F.log_softmax(set_logits.view(n, levels, k), -1)
+            return log_prob.unsqueeze(1).expand(n, levels, k)
+        return log_prob.view(n, levels, k)
 
 
 def set_loss(set_logits: torch.Tensor, target_sets: torch.Tensor, imgids: torch.Tensor, kind: str = "margin",

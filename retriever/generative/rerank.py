@@ -103,17 +103,36 @@ def _decoded(image):
 
 def blip_scores(cfg: RerankConfig, texts: list[str], pairs: list[tuple], records: dict,
                 device: torch.device) -> np.ndarray:
-    """p(match) of BLIP's ITM head for every pair, in pair order."""
+    """p(match) of BLIP's ITM head for every pair, in pair order. Each candidate image is decoded and passed through
+    the vision tower once, a loader batch at a time, and its tokens are scored against every query that has it
+    among its candidates (not once per (query, candidate) pair)."""
     from retriever.generative.itm import BlipITM
 
     scorer = BlipITM(cfg.blip_model, device=device)
-    loader = make_loader(ImageDataset([records[i].path for _, i in pairs], _decoded, cfg.data_json), cfg,
+    gallery, pairs_of = _pairs_by_image(pairs)
+    loader = make_loader(ImageDataset([records[i].path for i in gallery], _decoded, cfg.data_json), cfg,
                          batch_size=cfg.batch_size, device=device, collate_fn=list)
-    flat, start = [], 0
+    flat, start = np.zeros(len(pairs), dtype=np.float32), 0
     for images in progress(loader, desc="BLIP ITM", unit="batch"):
-        flat.append(scorer.score([texts[q] for q, _ in pairs[start:start + len(images)]], images))
+        embeds = scorer.image_embeds(images)
+        chunk = gallery[start:start + len(images)]
+        rows = [n for i in chunk for n in pairs_of[i]]
+        image_rows = torch.tensor([k for k, i in enumerate(chunk) for _ in pairs_of[i]], device=embeds.device)
+        for at in range(0, len(rows), cfg.batch_size):
+            part = slice(at, at + cfg.batch_size)
+            flat[rows[part]] = scorer.score_embeds([texts[pairs[n][0]] for n in rows[part]],
+                                                   embeds[image_rows[part]]).numpy()
         start += len(images)
-    return torch.cat(flat).numpy() if flat else np.zeros(0, dtype=np.float32)
+    return flat
+
+
+def _pairs_by_image(pairs: list[tuple]) -> tuple[list, dict]:
+    """The distinct candidate images (sorted) and, for each, the indices of its (query, image) pairs."""
+    gallery = sorted({i for _, i in pairs}, key=str)
+    pairs_of: dict = {i: [] for i in gallery}
+    for n, (_, i) in enumerate(pairs):
+        pairs_of[i].append(n)
+    return gallery, pairs_of
 
 
 @torch.no_grad()
@@ -130,10 +149,7 @@ def shapes_itm_scores(cfg: RerankConfig, texts: list[str], pairs: list[tuple], r
     queries = sorted({q for q, _ in pairs})
     text_row = {q: n for n, q in enumerate(queries)}
     text_feats = text_features(feats, [texts[q] for q in queries], device, cfg.batch_size)
-    gallery = sorted({i for _, i in pairs}, key=str)
-    pairs_of: dict = {i: [] for i in gallery}
-    for n, (_, i) in enumerate(pairs):
-        pairs_of[i].append(n)
+    gallery, pairs_of = _pairs_by_image(pairs)
     flat = np.zeros(len(pairs), dtype=np.float32)
     start = 0
     for pixels in image_batches([records[i].path for i in gallery], encoder.preprocess, cfg, cfg.batch_size, device,

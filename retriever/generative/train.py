@@ -32,7 +32,8 @@ from core.logging import Tracker, progress, write_metrics
 from core.metrics import mean_recall, recall_from_rankings
 from core.run_folder import CONFIG, open_run_folder
 from core.schedule import warmup_cosine
-from retriever.generative.decoding import CorpusTrie, generate_rankings
+from retriever.generative.decoding import (CorpusTrie, check_prior_mode, generate_rankings, multi_hot, set_index_lists,
+                                           set_scores)
 from retriever.generative.model import (SET_LOSSES, SHAPES_T5, STAGE, GenerativeRetriever, RetrieverSpec, build_t5,
                                         load_retriever, save_retriever_files, set_loss)
 from retriever.generative.vocab import CodeVocab, build_tokenizer
@@ -67,6 +68,8 @@ class RetrieverTrainConfig:
     margin: float = 0.5
     set_weight: float = 1.0  # weight of the set loss in the unified stage
     guidance: float = 1.0  # weight of the set prior when decoding at validation (unified stage)
+    prior: str = "token"  # its form: token (per-code bonus), prefix (best reachable image) or both
+    prefix_top: int = 500  # images kept per query by the prefix prior
     num_beams: int = 10
     eval_every: int = 2  # epochs between validations (and the last epoch)
     max_val_queries: int = 500
@@ -91,9 +94,8 @@ class QueryData:
         self.queries = [r["query"] for r in self.rows]
         self.imgids = [r["imgid"] for r in self.rows]
         self.codes = torch.tensor([r["code"] for r in self.rows], dtype=torch.long)
-        self.sets = torch.zeros(len(self.rows), ids.set_size)
-        for n, r in enumerate(self.rows):
-            self.sets[n, r["set"]] = 1.0
+        self.set_size = ids.set_size
+        self.set_index = set_index_lists([r["set"] for r in self.rows])  # multi-hot only per batch (multi_hot)
         keys = {i: k for k, i in enumerate(dict.fromkeys(map(str, self.imgids)))}
         self.image_index = torch.tensor([keys[str(i)] for i in self.imgids])
 
@@ -106,16 +108,14 @@ def split_corpus(ids: Identifiers, split: str, width: int) -> CorpusTrie:
     if not keys:
         raise InputError(ids.path, "images[].split", f"no image of split {split!r}")
     imgids = [int(k) if k.lstrip("-").isdigit() else k for k in keys]
-    return CorpusTrie(torch.tensor([ids.seq[k] for k in keys]), imgids, width)
+    return CorpusTrie(torch.tensor([ids.seq[k] for k in keys]), imgids, width, set_index_lists([ids.sets[k] for k in keys]))
 
 
 def set_ranking_recall(model: GenerativeRetriever, tokenizer: Any, queries: list[str], positives: list, ids: Identifiers,
                        split: str, device: torch.device, max_len: int) -> dict[str, float]:
     """Recall of ranking the split's images by set score alone (mean of their codes' scores)."""
     keys = [k for k, s in ids.split.items() if s == split]
-    sets = torch.zeros(len(keys), ids.set_size)
-    for n, k in enumerate(keys):
-        sets[n, ids.sets[k]] = 1.0 / len(ids.sets[k])
+    sets = set_index_lists([ids.sets[k] for k in keys])
     ranked = []
     with torch.no_grad():
         for i in range(0, len(queries), 256):
@@ -123,7 +123,7 @@ def set_ranking_recall(model: GenerativeRetriever, tokenizer: Any, queries: list
             with autocast(device):
                 hidden = model.encode(b["input_ids"], b["attention_mask"])
                 logits = model.set_logits(hidden, b["attention_mask"]).float().cpu()
-            top = (logits @ sets.T).topk(min(10, len(keys)), dim=1).indices
+            top = set_scores(logits, sets).topk(min(10, len(keys)), dim=1).indices
             ranked += [[keys[j] for j in row] for row in top.tolist()]
     return recall_from_rankings(ranked, [[str(p)] for p in positives])
 
@@ -138,7 +138,8 @@ def validate(cfg: RetrieverTrainConfig, model: GenerativeRetriever, tokenizer: A
         return set_ranking_recall(model, tokenizer, queries, positives, ids, "val", device, cfg.max_query_len)
     ranked, _ = generate_rankings(model, tokenizer, vocab, trie, queries, num_beams=cfg.num_beams,
                                   guidance=cfg.guidance if cfg.stage == "unified" else 0.0,
-                                  max_query_len=cfg.max_query_len, device=device, desc="validating")
+                                  max_query_len=cfg.max_query_len, device=device, desc="validating",
+                                  prior=cfg.prior, prefix_top=cfg.prefix_top)
     return recall_from_rankings(ranked, [[p] for p in positives])
 
 
@@ -195,6 +196,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         raise InputError("config", "stage", f"must be one of {STAGES}, got {cfg.stage!r}")
     if cfg.set_loss not in SET_LOSSES:
         raise InputError("config", "set_loss", f"must be one of {SET_LOSSES}, got {cfg.set_loss!r}")
+    check_prior_mode(cfg.prior)
     out = Path(cfg.output_dir)
     ids = Identifiers(cfg.codes)
     train = QueryData(Path(cfg.data_dir) / "train.jsonl", ids)
@@ -239,10 +241,12 @@ def main(argv: Sequence[str] | None = None) -> Path:
     history: list[dict[str, Any]] = []
 
     bar = progress(total=total, initial=step, desc=f"training {cfg.stage}", enabled=dist.is_main)
+    order_epoch, order = -1, None
     while step < total:
         epoch = step // steps_per_epoch
+        if epoch != order_epoch:  # one shuffle per epoch, seeded by it, so a resumed run draws the same batches
+            order_epoch, order = epoch, np.random.default_rng((cfg.seed, epoch)).permutation(len(train))
         # the global batch is drawn alike on every rank; each rank trains on its contiguous share
-        order = np.random.default_rng((cfg.seed, epoch)).permutation(len(train))
         batch = torch.from_numpy(order[(step % steps_per_epoch) * cfg.batch_size:][:batch_size])
         mine = rank_share(batch, dist)
         enc = tokenizer([train.queries[i] for i in mine], padding=True, truncation=True,
@@ -251,7 +255,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
         model.train()
         with autocast(device):
             loss, parts = step_loss(enc["input_ids"], enc["attention_mask"], labels.to(device),
-                                    train.sets[batch].to(device), train.image_index[batch].to(device),
+                                    multi_hot(train.set_index[batch], train.set_size).to(device),
+                                    train.image_index[batch].to(device),
                                     dist.rank * len(mine), dist.world_size)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

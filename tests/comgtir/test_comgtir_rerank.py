@@ -185,3 +185,43 @@ def test_configs_parse(name):
     for cls, file in [(RQVAETrainConfig, "rqvae"), (PseudoQueryConfig, "pseudo_query"), (RetrieverTrainConfig, "retriever"),
                       (EvaluateConfig, "evaluate"), (RerankConfig, "rerank")]:
         parse_config(cls, ["--config", str(folder / f"{file}.yaml")])
+
+
+def image_sensitive_blip(tiny_blip, folder):
+    """The tiny BLIP ITM with its patch embedding and cross-attention redrawn larger: at its initial scale the
+    image barely moves the score (≈1e-6), so a test could not tell one image's tokens from another's."""
+    from transformers import BlipForImageTextRetrieval, BlipProcessor
+
+    model = BlipForImageTextRetrieval.from_pretrained(tiny_blip / "itm")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "patch_embedding.weight" in name or ("crossattention" in name and name.endswith("weight")
+                                                    and "LayerNorm" not in name):
+                p.normal_(0, 0.5)
+    model.save_pretrained(folder)
+    BlipProcessor.from_pretrained(tiny_blip / "itm").save_pretrained(folder)
+    return folder
+
+
+def test_blip_itm_runs_the_vision_tower_once_per_image_and_scores_as_the_model(tiny_blip, shapes_world, monkeypatch,
+                                                                               tmp_path):
+    from core.data import load_karpathy, open_image
+    from retriever.generative import rerank
+    from retriever.generative.itm import BlipITM
+
+    blip = image_sensitive_blip(tiny_blip, tmp_path / "itm")
+    cfg = rerank.RerankConfig(method="itm", blip_model=str(blip), data_json=str(shapes_world / "dataset_shapes.json"),
+                              image_root=str(shapes_world / "images"), batch_size=3, num_workers=0)
+    records = {r.imgid: r for r in load_karpathy(cfg.data_json, cfg.image_root, cfg.split)}
+    imgs = list(records)[:4]
+    texts = ["a red circle", "a blue square top left", "star"]
+    pairs = [(0, imgs[0]), (0, imgs[1]), (1, imgs[1]), (1, imgs[2]), (2, imgs[0]), (2, imgs[3]), (1, imgs[0])]
+    seen, embeds = [], BlipITM.image_embeds
+    monkeypatch.setattr(BlipITM, "image_embeds", lambda self, images: seen.append(len(images)) or embeds(self, images))
+    got = rerank.blip_scores(cfg, texts, pairs, records, torch.device("cpu"))
+    assert sum(seen) == len(set(imgs))  # each candidate image once, not once per pair
+    scorer = BlipITM(str(blip))
+    expected = [float(scorer.score([texts[q]], [open_image(records[i].path)])) for q, i in pairs]
+    assert got.tolist() == pytest.approx(expected, abs=1e-5)
+    assert abs(expected[0] - expected[1]) > 1e-3  # the same query, two images: the image counts

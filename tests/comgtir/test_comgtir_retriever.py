@@ -64,3 +64,21 @@ def test_checkpoint_of_another_stage_is_refused(pipeline, codes_path):
     _, _, rq = codes_path
     with pytest.raises(InputError, match="stage"):
         load_retriever(rq / "rqvae" / "checkpoint-best")
+
+
+@pytest.mark.parametrize("prior", ["token", "prefix", "both"])
+def test_every_prior_mode_runs_on_validation(pipeline, dense_run, prior):
+    """The set identifier's guidance in each form, on the validation split, through the evaluation entry point."""
+    from retriever.generative import evaluate
+    from rqvae.codes import Identifiers
+
+    out, _, _, s3, codes = pipeline
+    report = evaluate.main(["--checkpoint", str(s3), "--codes", str(codes), "--emb_dir", str(dense_run / "emb"),
+                            "--split", "val", "--num_beams", "10", "--guidance", "1.0", "--prior", prior,
+                            "--prefix_top", "20", "--max_queries", "40", "--output_dir", str(out / f"val-{prior}")])
+    ids = Identifiers(codes)
+    for line in (out / f"val-{prior}" / "candidates.jsonl").read_text().splitlines():
+        ranked = json.loads(line)["ranked"]
+        assert ranked and all(ids.split[str(i)] == "val" for i in ranked)
+    assert json.loads((out / f"val-{prior}" / "metrics.json").read_text())["prior"] == prior
+    assert 0 <= report["R@1"] <= report["R@10"] <= 100

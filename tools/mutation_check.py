@@ -54,12 +54,15 @@ M = "tests/mechanisms/"
 # of each mechanism, so that unrelated edits of the same file leave them intact.
 MUTATIONS: tuple[Mutation, ...] = (
     Mutation("constraint off", (Edit("retriever/generative/decoding.py",
-                                     'out[:, tokens] = cand.masked_fill(~mask[:, valid], float("-inf"))',
-                                     "out[:, tokens] = cand"),),
+                                     'cand = cand.masked_fill(~allowed[:, :n].to(cand.device), float("-inf"))',
+                                     "cand = cand"),),
              (M + "test_comgtir.py::test_every_raw_beam_is_a_corpus_identifier",)),
     Mutation("guidance off", (Edit("retriever/generative/decoding.py", "cand = cand + self.weight * self.prior",
                                    "cand = cand + 0.0 * self.prior"),),
              (M + "test_comgtir.py::test_set_guidance_steers_the_ranking_to_the_set_identifier",)),
+    Mutation("prefix prior off", (Edit("retriever/generative/decoding.py", "cand = cand + self.weight * bonus",
+                                       "cand = cand + 0.0 * bonus"),),
+             ("tests/comgtir/test_comgtir_prefix_prior.py::test_prior_mode_changes_the_ranking",)),
     Mutation("set-head pooling over padding", (Edit("retriever/generative/model.py",
                                                     "pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)",
                                                     "pooled = hidden.mean(1)"),),

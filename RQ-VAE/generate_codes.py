@@ -31,7 +31,6 @@ class GenerateCodesConfig:
     report_split: str = "test"  # split whose reconstruction error is reported
     summary: str = ""  # main job's results.json ("" = none)
     summary_row: str = "comgtir/rqvae"
-    seed: int = 0
 
 
 @torch.no_grad()

@@ -34,7 +34,6 @@ class EncodeConfig(LoaderOptions):
     splits: list[str] = field(default_factory=lambda: ["train", "val", "test"])
     output_dir: str = "runs/shapes/dense/emb"
     batch_size: int = 256
-    seed: int = 0
 
 
 def main(argv: Sequence[str] | None = None) -> Path:

@@ -28,7 +28,6 @@ class EvalConfig:
     summary: str = ""  # path of the main job's results.json to add a row to ("" = none)
     summary_row: str = "dense/dense"  # stage/row in results.json
     wandb_project: str = "genretrieval"
-    seed: int = 0
 
 
 def evaluate_embeddings(emb_dir: str | Path, split: str, ks: Sequence[int] = (1, 5, 10), index_kind: str = "flat",

@@ -43,7 +43,6 @@ class EvaluateConfig:
     summary: str = ""
     summary_row: str = "comgtir/dual-id"
     wandb_project: str = "genretrieval"
-    seed: int = 0
 
 
 def load_queries(emb_dir: Path, split: str) -> tuple[list[dict], list]:

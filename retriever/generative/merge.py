@@ -23,7 +23,6 @@ class MergeConfig:
     stage2: str = "runs/shapes/comgtir/stage2_setid/checkpoint-best"
     output: str = "runs/shapes/comgtir/stage3_merged"
     encoder_mix: float = 1.0
-    seed: int = 0
 
 
 def is_encoder_block(name: str) -> bool:

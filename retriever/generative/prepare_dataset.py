@@ -28,7 +28,6 @@ class PrepareDatasetConfig:
     train_split: str = "train"
     val_split: str = "val"
     output_dir: str = "runs/shapes/comgtir/data"
-    seed: int = 0
 
 
 def rows_for(queries: list[tuple[str, object]], ids: Identifiers, source: str) -> list[dict]:

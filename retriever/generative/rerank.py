@@ -48,7 +48,6 @@ class RerankConfig(LoaderOptions):
     summary: str = ""
     summary_row: str = "comgtir/dual-id+dense-rerank"
     wandb_project: str = "genretrieval"
-    seed: int = 0
 
 
 def rerank(ranked: Sequence[Sequence[Hashable]], score: Callable[[int, list], np.ndarray], depth: int) -> list[list]:

@@ -8,4 +8,4 @@ source scripts/comgtir/paths.sh
 
 "$PYTHON" -m rqvae.generate_codes --checkpoint "$COMGTIR_DIR/rqvae/checkpoint-best" \
   --emb_dir "$RUN_DIR/dense/emb" --splits train,val,test --output "$COMGTIR_DIR/codes.json" \
-  --summary "$RUN_DIR/results.json" --summary_row "comgtir/rqvae$ROW_SUFFIX" --seed "$SEED" "$@"
+  --summary "$RUN_DIR/results.json" --summary_row "comgtir/rqvae$ROW_SUFFIX" "$@"

@@ -11,4 +11,4 @@ PSEUDO_FILE=$([ "$PSEUDO_QUERIES" = "1" ] && echo "$COMGTIR_DIR/pseudo_queries.j
 "$PYTHON" -m retriever.generative.prepare_dataset --data_json "$DATA_DIR/dataset_shapes.json" \
   --image_root "$DATA_DIR/images" --codes "$COMGTIR_DIR/codes.json" \
   --pseudo_queries "$PSEUDO_FILE" --pseudo_splits "$PSEUDO_SPLITS" \
-  --output_dir "$COMGTIR_DIR/data" --seed "$SEED" "$@"
+  --output_dir "$COMGTIR_DIR/data" "$@"

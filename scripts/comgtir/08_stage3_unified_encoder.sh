@@ -9,4 +9,4 @@ ENCODER_MIX=1.0
 
 "$PYTHON" -m retriever.generative.merge --stage1 "$COMGTIR_DIR/stage1_seqid/checkpoint-best" \
   --stage2 "$COMGTIR_DIR/stage2_setid/checkpoint-best" --output "$COMGTIR_DIR/stage3_merged" \
-  --encoder_mix "$ENCODER_MIX" --seed "$SEED" "$@"
+  --encoder_mix "$ENCODER_MIX" "$@"

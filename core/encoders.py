@@ -190,6 +190,12 @@ def image_token_layers(encoder: DualEncoder) -> int:
     return len(encoder.clip.visual.transformer.resblocks) if is_vit_tower(encoder) else RESNET_STAGES
 
 
+def spec_image_token_layers(spec: dict[str, Any]) -> int | None:
+    """`image_token_layers` read from an encoder spec before the tower is built (None for a named architecture)."""
+    layers = spec.get("vision", {}).get("layers")
+    return RESNET_STAGES if isinstance(layers, (list, tuple)) else layers
+
+
 def layer_token_width(encoder: DualEncoder) -> int:
     """The width D of `layer_image_tokens`: a ViT's residual stream; a ResNet's widest (last) stage, to which the
     narrower stages are zero-padded."""

@@ -97,12 +97,153 @@ def require_matching_activation(spec: dict[str, Any]) -> None:
                          f"this config builds GELU towers; use '{name}-quickgelu'")
 
 
-def require_vit_image_tower(encoder: DualEncoder, source: str | Path | None, reader: str) -> None:
-    """Stages that read the image tower's patch tokens (ReT, the CIR retriever, the modification-text generator)
-    need a ViT; a ResNet tower (`vision.layers` given as a list) has feature maps of a different width per stage."""
-    if not hasattr(encoder.clip.visual, "transformer"):
-        raise InputError(source, "model.vision", f"{reader} reads a ViT image tower's patch tokens; this encoder's "
-                         f"image tower is {type(encoder.clip.visual).__name__}")
+# ----------------------------------------------------------------------------------------------- image tokens
+# What the stages that read the image tower token by token (ReT, the CIR retriever, the modification-text generator)
+# get from either kind of tower. A ViT gives its [CLS] + patch tokens. A ResNet (open_clip's ModifiedResNet, as in
+# CLIP RN50: `vision.layers` given as a list) gives a residual stage's feature map, flattened row by row into tokens,
+# each normalised and marked with its grid position, after one global token (the map's mean, the query CLIP's
+# attention pool starts from), so both kinds read as [global] + a g×g grid.
+
+
+def is_vit_tower(encoder: DualEncoder) -> bool:
+    return hasattr(encoder.clip.visual, "transformer")
+
+
+def is_resnet_tower(encoder: DualEncoder) -> bool:
+    return isinstance(encoder.clip.visual, open_clip.modified_resnet.ModifiedResNet)
+
+
+def _check_token_tower(encoder: DualEncoder) -> None:
+    if not (is_vit_tower(encoder) or is_resnet_tower(encoder)):
+        raise InputError("model spec", "vision", "image tokens are read from a ViT or a ModifiedResNet tower; this "
+                         f"encoder's image tower is {type(encoder.clip.visual).__name__}")
+
+
+RESNET_STAGES = 4  # ModifiedResNet's residual stages layer1..layer4 (the stem before them is not read)
+
+
+def _resnet_stage(stage: int | None) -> int:
+    """A 0-based residual-stage index (negative counts from the last; None = the last stage)."""
+    index = RESNET_STAGES - 1 if stage is None else int(stage)
+    if not -RESNET_STAGES <= index < RESNET_STAGES:
+        raise InputError("image tokens", "stage", f"a ResNet tower has residual stages 0..{RESNET_STAGES - 1}, "
+                         f"got {stage}")
+    return index % RESNET_STAGES
+
+
+def _resnet_stage_width(encoder: DualEncoder, stage: int) -> int:
+    return int(getattr(encoder.clip.visual, f"layer{stage + 1}")[-1].bn3.num_features)
+
+
+def grid_position_embedding(rows: int, cols: int, dim: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine positions [rows * cols, dim], row-major: the first half of the channels encode the row,
+    the second the column, each as the 1-D sinusoids of "Attention Is All You Need" (§3.5) with base 10000 (the
+    2-D form of MAE / MoCo v3)."""
+    if dim % 4:
+        raise InputError("image tokens", "width", f"2-D sine-cosine positions need a width divisible by 4, got {dim}")
+    quarter = dim // 4
+    freq = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+
+    def along(n: int) -> torch.Tensor:
+        angle = torch.arange(n, dtype=torch.float64)[:, None] * freq[None]
+        return torch.cat([angle.sin(), angle.cos()], dim=1)  # [n, dim / 2]
+
+    row, col = along(rows), along(cols)
+    return torch.cat([row[:, None].expand(rows, cols, -1), col[None].expand(rows, cols, -1)], dim=2).reshape(
+        rows * cols, dim).float()
+
+
+def grid_tokens(feature_map: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+    """[B, C, H, W] → [B, 1 + g*g, C]: the map's mean, then the map (average-pooled to `grid` if given) row by row.
+
+    Each token is layer-normalised over its channels without a learned scale (a ViT's tokens come out of its final
+    LayerNorm too), so every token has the same scale and the position added to it, of fixed amplitude, is neither
+    drowned nor dominant. Positions are fixed, not learned: the tower is frozen and shared by several readers and
+    by token caches, so its tokens must be a function of the image alone (a learned position table would be a
+    trained part of each reader, saved with it, and could not be cached); a ViT's patch tokens already carry its
+    learned positions, a ResNet's only what zero padding at the borders leaves in its features."""
+    x = feature_map.float()
+    mean = x.mean(dim=(2, 3))[:, None]  # the whole stage, before any pooling
+    if grid is not None and tuple(x.shape[2:]) != tuple(grid):
+        x = torch.nn.functional.adaptive_avg_pool2d(x, grid)
+    b, c, h, w = x.shape
+    cells = torch.nn.functional.layer_norm(x.flatten(2).transpose(1, 2), (c,))
+    cells = cells + grid_position_embedding(h, w, c).to(cells.device)
+    return torch.cat([torch.nn.functional.layer_norm(mean, (c,)), cells], dim=1)
+
+
+def image_token_width(encoder: DualEncoder, stage: int | None = None) -> int:
+    """The width D of `image_tokens(encoder, pixels, stage)`."""
+    _check_token_tower(encoder)
+    if is_vit_tower(encoder):
+        return int(encoder.clip.visual.ln_post.normalized_shape[0])
+    return _resnet_stage_width(encoder, _resnet_stage(stage))
+
+
+def image_tokens(encoder: DualEncoder, pixels: torch.Tensor, stage: int | None = None) -> torch.Tensor:
+    """One token set [B, 1 + N, D] per image: a ViT's [CLS] + patch tokens after `ln_post` (`stage` must be None);
+    a ResNet's residual stage `stage` (0-based, default the last) as `grid_tokens`."""
+    _check_token_tower(encoder)
+    visual = encoder.clip.visual
+    if is_vit_tower(encoder):
+        if stage is not None:
+            raise InputError("image tokens", "stage", "a ViT tower gives its last layer's tokens; a stage is chosen "
+                             "only for a ResNet tower")
+        return visual.ln_post(visual.transformer(visual._embeds(pixels)))
+    index = _resnet_stage(stage)
+    maps = visual.forward_intermediates(pixels, indices=[index + 1], stop_early=True, intermediates_only=True)
+    return grid_tokens(maps["image_intermediates"][0])
+
+
+def image_token_layers(encoder: DualEncoder) -> int:
+    """How many token sets `layer_image_tokens` can read: a ViT's blocks, a ResNet's residual stages."""
+    _check_token_tower(encoder)
+    return len(encoder.clip.visual.transformer.resblocks) if is_vit_tower(encoder) else RESNET_STAGES
+
+
+def spec_image_token_layers(spec: dict[str, Any]) -> int | None:
+    """`image_token_layers` read from an encoder spec before the tower is built (None for a named architecture)."""
+    layers = spec.get("vision", {}).get("layers")
+    return RESNET_STAGES if isinstance(layers, (list, tuple)) else layers
+
+
+def layer_token_width(encoder: DualEncoder) -> int:
+    """The width D of `layer_image_tokens`: a ViT's residual stream; a ResNet's widest (last) stage, to which the
+    narrower stages are zero-padded."""
+    _check_token_tower(encoder)
+    visual = encoder.clip.visual
+    if is_vit_tower(encoder):
+        return int(getattr(visual, "width", None) or visual.transformer.width)
+    return max(_resnet_stage_width(encoder, s) for s in range(RESNET_STAGES))
+
+
+def layer_image_tokens(encoder: DualEncoder, pixels: torch.Tensor, layers: Sequence[int]) -> torch.Tensor:
+    """Per-layer token sets [B, n_layers, 1 + P, D] (ReT's reading of every layer).
+
+    ViT: block `l`'s [CLS] + patch tokens (residual stream, no final LN), as Hugging Face's CLIP hidden_states give
+    them. ResNet: residual stage `l` (0-based) as `grid_tokens`, every stage average-pooled to the last stage's
+    grid, so that the sets stack into one tensor (and one cache array) whichever layers are read, and zero-padded to
+    the last stage's width. Zero padding is the lossless, parameter-free way to a common width: the reader's trained
+    per-layer adapter is the projection (a fixed random one would lose part of the wider stages, a trained one here
+    would make the tokens depend on a reader)."""
+    _check_token_tower(encoder)
+    visual = encoder.clip.visual
+    if is_vit_tower(encoder):
+        out = visual.forward_intermediates(pixels, indices=list(layers), intermediates_only=True, output_fmt="NLC",
+                                           output_extra_tokens=True)
+        patches = torch.stack(out["image_intermediates"], 1)
+        prefix = out.get("image_intermediates_prefix")
+        if prefix:
+            patches = torch.cat([torch.stack(prefix, 1), patches], 2)
+        return patches
+    stages = [_resnet_stage(layer) for layer in layers]
+    grid = (int(visual.image_size) // 32,) * 2  # the last stage's: a 4× stem, then strides 1, 2, 2, 2
+    maps = visual.forward_intermediates(pixels, indices=[s + 1 for s in stages], stop_early=True,
+                                        intermediates_only=True)["image_intermediates"]
+    by_stage = dict(zip(sorted(set(stages)), maps))  # open_clip returns each stage once, in depth order
+    width = layer_token_width(encoder)
+    sets = [grid_tokens(by_stage[s], grid) for s in stages]
+    return torch.stack([torch.nn.functional.pad(t, (0, width - t.shape[-1])) for t in sets], 1)
 
 
 def load_dual_encoder(folder: str | Path, map_location: str | torch.device = "cpu") -> DualEncoder:

@@ -31,6 +31,7 @@ from PIL import Image
 from torch import nn
 
 from core.device import autocast, get_device, pretrained_dtype_kwargs
+from core.encoders import image_tokens as encoder_image_tokens
 from core.errors import InputError
 from core.io import atomic_dir, atomic_write_json, read_json
 
@@ -82,9 +83,10 @@ def detokenize(tokenizer, ids: Sequence[int]) -> str:
 
 # ----------------------------------------------------------------------------------------------- image encoders
 class ImageTokens(nn.Module):
-    """A frozen image encoder that returns patch tokens [B, N, D]; `.preprocess` maps a PIL image to a tensor.
+    """A frozen image encoder that returns image tokens [B, N, D]; `.preprocess` maps a PIL image to a tensor.
 
-    kind "dense": the project's open_clip dual encoder (`core.encoders`), tokens after `ln_post` (CLS + patches).
+    kind "dense": the project's open_clip dual encoder, tokens from `core.encoders.image_tokens` (a ViT's CLS + patches
+    after `ln_post`; a ResNet's last residual stage, or `source["token_stage"]`, as a grid of positioned tokens).
     kind "hf": a transformers vision model (InstructBLIP/BLIP-2 ViT), tokens = `last_hidden_state`.
     """
 
@@ -112,16 +114,18 @@ class ImageTokens(nn.Module):
         """Patch tokens [B, N, D] in float32, the tower run inside core.device.autocast (bf16 on CUDA)."""
         with autocast(pixels.device):
             if self.kind == "dense":
-                visual = self.model.clip.visual
-                x = visual.ln_post(visual.transformer(visual._embeds(pixels)))
+                x = encoder_image_tokens(self.model, pixels, self.source.get("token_stage"))
             else:
                 x = self.model(pixel_values=pixels).last_hidden_state
         return x.float()
 
     def fingerprint(self) -> str:
         """A digest of the tower's weights: the first 1024 values of every tensor (enough to tell two towers apart),
-        rounded to bf16 so that the same tower loaded in bf16 (CUDA) or float32 (CPU) has one fingerprint."""
+        rounded to bf16 so that the same tower loaded in bf16 (CUDA) or float32 (CPU) has one fingerprint; and the
+        ResNet stage read, if one was chosen."""
         h = hashlib.sha256(self.kind.encode())
+        if "token_stage" in self.source:  # the same ResNet read at another stage gives other tokens
+            h.update(f"token_stage={self.source['token_stage']}".encode())
         for name, tensor in sorted(self.model.state_dict().items()):
             h.update(name.encode())
             h.update(str(tuple(tensor.shape)).encode())
@@ -153,14 +157,20 @@ class ImageTokens(nn.Module):
                                                           **self.source, "fingerprint": self.fingerprint()})
 
 
-def dense_image_tokens(dense_folder: str | Path) -> ImageTokens:
-    """The frozen image tower of a trained dense retriever (`$RUN_DIR/dense/checkpoint-best`)."""
-    from core.encoders import load_dual_encoder, require_vit_image_tower
+def dense_image_tokens(dense_folder: str | Path, token_stage: int | None = None) -> ImageTokens:
+    """The frozen image tower of a trained dense retriever (`$RUN_DIR/dense/checkpoint-best`), ViT or ResNet;
+    `token_stage` picks a ResNet's residual stage (0-based; default the last), recorded in the tower's source."""
+    from core.encoders import image_token_width, load_dual_encoder
 
     encoder = load_dual_encoder(dense_folder)
-    require_vit_image_tower(encoder, dense_folder, "the image-token encoder (CIR, modification text)")
-    width = int(encoder.clip.visual.ln_post.normalized_shape[0])
-    return ImageTokens("dense", encoder, encoder.preprocess, width, {"dense_folder": str(dense_folder)})
+    source: dict[str, Any] = {"dense_folder": str(dense_folder)}
+    if token_stage is not None:
+        source["token_stage"] = int(token_stage)
+    try:
+        width = image_token_width(encoder, token_stage)
+    except InputError as e:  # name the folder whose tower cannot give tokens
+        raise InputError(Path(dense_folder) / "encoder.json", e.field, e.message) from None
+    return ImageTokens("dense", encoder, encoder.preprocess, width, source)
 
 
 def hf_image_tokens(vision_model: nn.Module, image_processor: Any, source: dict[str, Any]) -> ImageTokens:
@@ -182,7 +192,7 @@ def load_image_tokens(folder: str | Path, device: torch.device | None = None) ->
     info = read_json(folder / "image_encoder.json", required=["kind"])
     source = {k: v for k, v in info.items() if k not in ("kind", "hidden_size", "fingerprint")}
     if info["kind"] == "dense":
-        tokens = dense_image_tokens(folder)
+        tokens = dense_image_tokens(folder, info.get("token_stage"))
         tokens.source = source
     elif "name" in info:  # {"name": "Salesforce/instructblip-vicuna-7b", "vision_class": "InstructBlipVisionModel"}
         vision = pretrained_part(info["name"], getattr(transformers, vision_class(info)), "vision_model.", device)

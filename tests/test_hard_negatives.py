@@ -108,19 +108,6 @@ def test_cell_probe_reads_what_the_features_hold():
     assert blind["cell occupancy"] < blind["all-empty baseline"] + 3 and blind["occupied cell's shape"] < 30
 
 
-def test_image_token_readers_refuse_a_resnet_tower(tmp_path):
-    from core.encoders import build_dual_encoder
-    from core.modtext import dense_image_tokens
-    from retriever.ret.model import FrozenTowers
-
-    encoder = build_dual_encoder(TINY_RESNET)
-    encoder.save(tmp_path)
-    with pytest.raises(InputError, match="model.vision.*ViT"):
-        dense_image_tokens(tmp_path)
-    with pytest.raises(InputError, match="ReT reads a ViT"):
-        FrozenTowers(encoder)
-
-
 def test_unknown_kind_is_refused_before_work(shapes_world, tmp_path):
     with pytest.raises(InputError, match="contrast_kinds"):
         train.main(["--data_json", str(shapes_world / "dataset_shapes.json"), "--image_root",

@@ -34,7 +34,8 @@ from torch import nn
 
 from core.data import open_image
 from core.device import autocast
-from core.encoders import SHAPES_ENCODER, DualEncoder, build_dual_encoder, load_dual_encoder, require_vit_image_tower
+from core.encoders import (SHAPES_ENCODER, DualEncoder, build_dual_encoder, image_token_layers, layer_image_tokens,
+                           layer_token_width, load_dual_encoder)
 from core.errors import InputError
 from core.io import atomic_dir, atomic_write_json, read_json, state_dict_digest
 
@@ -141,7 +142,7 @@ class FrozenTowers(nn.Module):
 
     def __init__(self, encoder: DualEncoder):
         super().__init__()
-        require_vit_image_tower(encoder, "dense encoder", "ReT")
+        image_token_layers(encoder)  # refuses, before any work, a tower that gives no image tokens
         self.encoder = encoder
         self.encoder.requires_grad_(False)
         self.encoder.eval()
@@ -170,8 +171,7 @@ class FrozenTowers(nn.Module):
 
     @property
     def vision_width(self) -> int:
-        visual = self.encoder.clip.visual
-        return int(getattr(visual, "width", None) or visual.transformer.width)
+        return layer_token_width(self.encoder)
 
     @property
     def n_text_layers(self) -> int:
@@ -179,7 +179,8 @@ class FrozenTowers(nn.Module):
 
     @property
     def n_vision_layers(self) -> int:
-        return len(self.encoder.clip.visual.transformer.resblocks)
+        """A ViT's blocks or a ResNet's residual stages (core.encoders.layer_image_tokens)."""
+        return image_token_layers(self.encoder)
 
     @torch.no_grad()
     def text_tokens(self, tokens: torch.Tensor, layers: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,14 +202,9 @@ class FrozenTowers(nn.Module):
 
     @torch.no_grad()
     def vision_tokens(self, pixels: torch.Tensor, layers: Sequence[int]) -> torch.Tensor:
-        """Per-layer [CLS] + patch tokens [B, n_layers, 1 + P, D], as Hugging Face's CLIP hidden_states give them."""
-        out = self.encoder.clip.visual.forward_intermediates(
-            pixels, indices=list(layers), intermediates_only=True, output_fmt="NLC", output_extra_tokens=True)
-        patches = torch.stack(out["image_intermediates"], 1)
-        prefix = out.get("image_intermediates_prefix")
-        if prefix:
-            patches = torch.cat([torch.stack(prefix, 1), patches], 2)
-        return patches
+        """Per-layer [CLS] + patch tokens [B, n_layers, 1 + P, D] of a ViT, as Hugging Face's CLIP hidden_states give
+        them, or a ResNet's per-stage [global] + grid tokens (core.encoders.layer_image_tokens)."""
+        return layer_image_tokens(self.encoder, pixels, layers)
 
 
 # ----------------------------------------------------------------------------------------------------------------

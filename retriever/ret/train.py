@@ -29,7 +29,7 @@ from core.data import EpochBatchSampler, LoaderOptions, verify_images
 from core.device import autocast, derive_seed, seed_everything
 from core.distributed import (DistInfo, all_reduce_mean, barrier, check_batch_divisible, cleanup, gather_with_grad,
                               init_distributed, shard_range, world_size_from_env, wrap_model)
-from core.encoders import DualEncoder, load_dual_encoder
+from core.encoders import DualEncoder, load_dual_encoder, spec_image_token_layers
 from core.errors import InputError
 from core.io import read_json
 from core.logging import Tracker, format_table, progress, write_metrics
@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     check_batch_divisible(cfg.batch_size, world_size_from_env())  # before any work: every rank gets an equal share
     encoder_spec = read_json(Path(cfg.encoder) / "encoder.json")  # the towers' depth, before loading them
     mode = resolve_features(cfg.features, encoder_spec)
-    depth = (encoder_spec.get("text", {}).get("layers"), encoder_spec.get("vision", {}).get("layers"))
+    depth = (encoder_spec.get("text", {}).get("layers"), spec_image_token_layers(encoder_spec))
     configs = {v: variant_config(cfg, v, *depth) for v in cfg.variants}  # bad variants fail before any work
     # every variant folder is checked before any work; which variants a rerun trains may change
     starts = {v: open_run_folder(Path(cfg.output_dir) / v, cfg, overwrite=cfg.overwrite,

@@ -70,6 +70,17 @@ class DualEncoder(torch.nn.Module):
         torch.save(self.state_dict(), Path(folder) / "model.pt")
 
 
+def dual_encoder_spec_keys() -> dict[str, Any]:
+    """What an encoder spec may hold (core.config.nested_keys): a pretrained model's name and tag, or a custom CLIP's
+    sizes with open_clip's own vision and text config fields."""
+    from dataclasses import fields
+
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    return {"pretrained_name": None, "pretrained": None, "embed_dim": None, "image_size": None,
+            "vision": {f.name: None for f in fields(CLIPVisionCfg)}, "text": {f.name: None for f in fields(CLIPTextCfg)}}
+
+
 def build_dual_encoder(spec: dict[str, Any] | None = None) -> DualEncoder:
     spec = copy.deepcopy(spec if spec is not None else SHAPES_ENCODER)
     if "pretrained_name" in spec:

@@ -18,12 +18,12 @@ import torch
 from open_clip.loss import ClipLoss
 
 from core.checkpoint import BEST, LAST, BestTracker, read_meta, resume, save_checkpoint, unwrap
-from core.config import parse_config, save_config
+from core.config import nested_keys, parse_config, save_config
 from core.data import (EpochBatchSampler, ImageCaptionPairs, ImageRecord, LoaderOptions, caption_queries,
                        load_karpathy_splits, make_loader, verify_images)
 from core.device import autocast, seed_everything
 from core.distributed import barrier, check_batch_divisible, cleanup, init_distributed, world_size_from_env, wrap_model
-from core.encoders import SHAPES_ENCODER, build_dual_encoder
+from core.encoders import SHAPES_ENCODER, build_dual_encoder, dual_encoder_spec_keys
 from core.errors import InputError
 from core.logging import Tracker, format_table, progress, write_metrics
 from core.metrics import mean_recall, t2i_recall
@@ -43,7 +43,8 @@ class TrainConfig(LoaderOptions):
     data_json: str = "data/shapes/dataset_shapes.json"  # Karpathy-split captions
     image_root: str = "data/shapes/images"
     output_dir: str = "runs/shapes/dense"
-    model: dict = field(default_factory=lambda: dict(SHAPES_ENCODER))  # encoder spec (core/encoders.py)
+    model: dict = field(default_factory=lambda: dict(SHAPES_ENCODER),
+                        metadata=nested_keys(dual_encoder_spec_keys))  # encoder spec (core/encoders.py)
     train_split: str = "train"
     val_split: str = "val"
     batch_size: int = 128  # global batch, split over ranks

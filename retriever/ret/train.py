@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from core.checkpoint import BEST, LAST, BestTracker, read_meta, resume, save_checkpoint
-from core.config import parse_config, save_config
+from core.config import dataclass_keys, nested_keys, parse_config, save_config
 from core.data import EpochBatchSampler, LoaderOptions, verify_images
 from core.device import autocast, derive_seed, seed_everything
 from core.distributed import (DistInfo, all_reduce_mean, barrier, check_batch_divisible, cleanup, gather_with_grad,
@@ -59,7 +59,8 @@ class TrainConfig(LoaderOptions):
     variants: list = field(default_factory=lambda: list(VARIANTS))
     layer_strategy: str = "shapes"  # tower layers the cell reads (model.LAYER_STRATEGIES, or "all")
     single_layer_strategy: str = "shapes_last"  # the layer(s) of the single-layer ablation (or "last")
-    cell: dict = field(default_factory=dict)  # RetConfig overrides for both sides, e.g. {"hidden_size": 64}
+    # RetConfig overrides for both sides, e.g. {"hidden_size": 64}
+    cell: dict = field(default_factory=dict, metadata=nested_keys(lambda: dataclass_keys(RetConfig)))
     use_instruction: bool = False
     train_split: str = "train"
     val_split: str = "val"

@@ -21,6 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 _KILLED_AFTER_A_CHECKPOINT = """
 import importlib, json, os, signal, sys
 from pathlib import Path
+import torch
+torch.set_num_threads(int(sys.argv[4]))  # as the parent runs: float sums in the same order on both sides
 import core.checkpoint as checkpoint
 written, saves = checkpoint.save_checkpoint, []
 def save_then_die(folder, **kw):
@@ -36,11 +38,14 @@ importlib.import_module(sys.argv[1]).main(json.loads(sys.argv[2]))
 
 
 def run_killed_after_checkpoint(module: str, argv: Sequence[str], nth: int = 1, timeout: int = 600) -> None:
-    """Run `module.main(argv)` in a child process that SIGKILLs itself once its `nth` checkpoint-last/ is written."""
+    """Run `module.main(argv)` in a child process that SIGKILLs itself once its `nth` checkpoint-last/ is written.
+    The child uses this process's torch thread count (an earlier test may have changed it), since the resumed and
+    the uninterrupted runs happen here and a different count sums floats in another order."""
     env = {**os.environ, "WANDB_MODE": "disabled", "TQDM_DISABLE": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-c", _KILLED_AFTER_A_CHECKPOINT, module, json.dumps(list(map(str, argv))),
-                           str(nth)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+                           str(nth), str(torch.get_num_threads())], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
     assert proc.returncode == -signal.SIGKILL, f"the run was not killed at its first checkpoint:\n{proc.stderr[-3000:]}"
 
 

@@ -87,7 +87,7 @@ def test_resnet_tower_trains_with_twins_and_the_probe_reports_it(shapes_world, t
     the full world: the figures are in docs/dense.md.)"""
     out = tmp_path / "resnet"
     train.main(["--data_json", str(shapes_world / "dataset_shapes.json"), "--image_root", str(shapes_world / "images"),
-                "--output_dir", str(out), "--model", json.dumps(TINY_RESNET), "--batch_size", "64", "--epochs", "15",
+                "--output_dir", str(out), "--model", json.dumps(TINY_RESNET), "--batch_size", "64", "--epochs", "8",
                 "--lr", "3e-3", "--warmup_steps", "10", "--seed", "0", "--twin_edits", "[shape, move]",
                 "--contrast_kinds", "[shape, position, swap]"])
     result = probe.main(["--checkpoint", str(out / "checkpoint-best"), "--world_dir", str(shapes_world),

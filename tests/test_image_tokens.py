@@ -130,24 +130,14 @@ def test_ret_trains_on_a_resnet_tower_and_beats_chance(shapes_world, resnet_chec
 def test_composed_retriever_trains_on_a_resnet_tower_and_beats_chance(resnet_checkpoint, shapes_world, tmp_path):
     """As tests/cir/test_cir_models.py on the ViT: the subset ranking (5 near-duplicates, chance Rs@1 = 20%)."""
     from cir.data import load_cirr
-    from cir.evaluate import evaluate_model
-    from cir.features import token_bank
-    from cir.retriever import ComposedRetriever, build_shapes_retriever
-    from cir.train import TrainConfig, fit
-    from tests.cir.test_cir_models import SMALL
+    from cir.retriever import build_shapes_retriever
+    from tests.cir.test_cir_models import SMALL, assert_fits_its_training_triplets
 
     train = load_cirr(shapes_world / "cirr", "train")
     torch.manual_seed(0)
     model = build_shapes_retriever(resnet_checkpoint, [t.caption for t in train.triplets], SMALL)
     assert model.image_encoder.hidden_size == 512
-    bank = token_bank(model.image_encoder, train.images, tmp_path / "tokens")
-    before = evaluate_model(model, train, bank)
-    cfg = TrainConfig(output_dir=str(tmp_path / "run"), epochs=30, batch_size=32, lr=3e-3, warmup_steps=5,
-                      temperature=0.1)
-    fit(model, train, bank, train, bank, None, cfg)
-    best = ComposedRetriever.from_pretrained(tmp_path / "run" / "checkpoint-best", device=torch.device("cpu"))
-    after = evaluate_model(best, train, bank)
-    assert after["Rs@1"] > 40.0 and after["Rs@1"] > before["Rs@1"] + 15.0, (before, after)
+    assert_fits_its_training_triplets(model, train, tmp_path)
 
 
 @pytest.mark.skip(reason="does not yet read the untrained tiny ResNet tower's images in 150 steps (true-pair loss "
@@ -157,9 +147,8 @@ def test_modification_text_generator_trains_on_a_resnet_tower_and_reads_the_imag
     """As tests/cir/test_cir_mtst.py on the ViT: its text loss on the true pairs is clearly below the loss on
     mismatched pairs."""
     from cir import train_mtst
-    from cir.data import load_cirr
-    from cir.features import token_bank
     from core.modtext import load_modification_generator
+    from tests.cir.test_cir_mtst import assert_reads_the_images
 
     out = tmp_path / "mtst"
     train_mtst.main([
@@ -170,13 +159,5 @@ def test_modification_text_generator_trains_on_a_resnet_tower_and_reads_the_imag
     ])
     gen = load_modification_generator(out / "checkpoint-best", device=torch.device("cpu"))
     assert gen.image_encoder.hidden_size == 512
-    train = load_cirr(shapes_world / "cirr", "train")
-    bank = token_bank(gen.image_encoder, train.images, tmp_path / "tokens")
-    trip = train.triplets[:48]
-    ref, tgt = bank.get([t.reference for t in trip], "cpu"), bank.get([t.target for t in trip], "cpu")
-    texts = [t.caption for t in trip]
-    with torch.no_grad():
-        matched = gen.loss(ref, tgt, texts).item()
-        rolled = gen.loss(ref, tgt.roll(7, dims=0), texts).item()  # images of other pairs
-    assert matched < rolled - 0.1, (matched, rolled)
+    assert_reads_the_images(gen, shapes_world, tmp_path)
 

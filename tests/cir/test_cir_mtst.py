@@ -13,6 +13,21 @@ from tests.tiny_models import tiny_instructblip
 from core.modtext import build_word_tokenizer, from_instructblip, load_modification_generator
 
 
+def assert_reads_the_images(gen, world, tmp_path):
+    """The generator's text loss on 48 true training pairs is clearly below its loss with other pairs' targets;
+    returns the training split and those triplets."""
+    train = load_cirr(world / "cirr", "train")
+    bank = token_bank(gen.image_encoder, train.images, tmp_path / "tokens")
+    trip = train.triplets[:48]
+    ref, tgt = bank.get([t.reference for t in trip], "cpu"), bank.get([t.target for t in trip], "cpu")
+    texts = [t.caption for t in trip]
+    with torch.no_grad():
+        matched = gen.loss(ref, tgt, texts).item()
+        rolled = gen.loss(ref, tgt.roll(7, dims=0), texts).item()  # images of other pairs
+    assert matched < rolled - 0.1, (matched, rolled)
+    return train, trip
+
+
 def test_generator_trains_and_reads_the_images(shapes_world, dense_checkpoint, tmp_path):
     out = tmp_path / "mtst"
     metrics = train_mtst.main([
@@ -23,15 +38,7 @@ def test_generator_trains_and_reads_the_images(shapes_world, dense_checkpoint, t
     ])
     assert metrics["model_id"].startswith("mtst/checkpoint-best@") and "ROUGE-L" in metrics["test"]
     gen = load_modification_generator(out / "checkpoint-best", device=torch.device("cpu"))
-    train = load_cirr(shapes_world / "cirr", "train")
-    bank = token_bank(gen.image_encoder, train.images, tmp_path / "tokens")
-    trip = train.triplets[:48]
-    ref, tgt = bank.get([t.reference for t in trip], "cpu"), bank.get([t.target for t in trip], "cpu")
-    texts = [t.caption for t in trip]
-    with torch.no_grad():
-        matched = gen.loss(ref, tgt, texts).item()
-        rolled = gen.loss(ref, tgt.roll(7, dims=0), texts).item()  # images of other pairs
-    assert matched < rolled - 0.1, (matched, rolled)
+    train, trip = assert_reads_the_images(gen, shapes_world, tmp_path)
     # the public API reads pixels only and is deterministic
     ims = [Image.open(train.images[t.reference]) for t in trip[:2]]
     tgts = [Image.open(train.images[t.target]) for t in trip[:2]]

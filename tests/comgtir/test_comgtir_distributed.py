@@ -43,30 +43,23 @@ def test_rqvae_two_ranks_train_as_one(dense_run, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def retriever_data(shapes_world, codes_path, tmp_path_factory):
+def retriever_data(comgtir_data, codes_path, tmp_path_factory):
     """Retriever training data for the tiny world and a stage-1 model trained two steps (no dropout)."""
-    from retriever.generative import prepare_dataset, train
-    from tools import generate_pseudo_query
+    from retriever.generative import train
 
     codes, _, _ = codes_path
     out = tmp_path_factory.mktemp("comgtir-dist")
-    generate_pseudo_query.main(["--data_json", str(shapes_world / "dataset_shapes.json"), "--image_root",
-                                str(shapes_world / "images"), "--scenes", str(shapes_world / "scenes.json"),
-                                "--output", str(out / "pseudo.jsonl")])
-    prepare_dataset.main(["--data_json", str(shapes_world / "dataset_shapes.json"), "--image_root",
-                          str(shapes_world / "images"), "--codes", str(codes), "--pseudo_queries",
-                          str(out / "pseudo.jsonl"), "--output_dir", str(out / "data")])
-    s1 = train.main(["--stage", "seqid", "--data_dir", str(out / "data"), "--codes", str(codes), "--model", T5,
+    s1 = train.main(["--stage", "seqid", "--data_dir", str(comgtir_data), "--codes", str(codes), "--model", T5,
                      "--output_dir", str(out / "s1"), "--max_steps", "2", "--batch_size", "64",
                      "--max_val_queries", "10", "--num_beams", "2"])
-    return out, codes, s1
+    return comgtir_data, codes, s1
 
 
 def test_unified_stage_two_ranks_train_as_one(retriever_data, tmp_path):
     data, codes, s1 = retriever_data
     # batch 32 of ~3000 queries over 580 images: some batches hold an image twice (no negative of itself)
     one, two = one_and_two_ranks("retriever.generative.train", [
-        "--stage", "unified", "--init", s1, "--data_dir", data / "data", "--codes", codes, "--max_steps", "3",
+        "--stage", "unified", "--init", s1, "--data_dir", data, "--codes", codes, "--max_steps", "3",
         "--batch_size", "32", "--lr", "1e-3", "--warmup_steps", "1", "--max_val_queries", "10", "--num_beams", "2"],
         tmp_path)
     assert_same_state(one, two)

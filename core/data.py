@@ -25,6 +25,12 @@ from core.logging import progress
 SPLIT_ALIASES = {"train": ("train", "restval")}
 
 
+def canonical_split(name: str) -> str:
+    """The split an image counts in: COCO's `restval` is training data everywhere (as Karpathy and the methods use
+    it), so rows written for it say `train`."""
+    return next((split for split, names in SPLIT_ALIASES.items() if name in names), name)
+
+
 @dataclass(frozen=True)
 class ImageRecord:
     imgid: int | str

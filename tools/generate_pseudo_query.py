@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from core.config import parse_config
-from core.data import ImageDataset, LoaderOptions, load_karpathy, make_loader, verify_images
+from core.data import ImageDataset, LoaderOptions, canonical_split, load_karpathy, make_loader, verify_images
 from core.device import autocast, derive_seed, get_device, pretrained_dtype_kwargs
 from core.errors import InputError
 from core.io import atomic_write_jsonl
@@ -104,7 +104,7 @@ def captioner_queries(cfg: PseudoQueryConfig, records: list) -> list[dict]:
         texts = processor.batch_decode(out, skip_special_tokens=True)
         for j, text in enumerate(texts):
             rec = batch[j // cfg.n_per_image]
-            rows.append({"imgid": rec.imgid, "split": rec.split, "query": text.strip()})
+            rows.append({"imgid": rec.imgid, "split": canonical_split(rec.split), "query": text.strip()})
     return rows
 
 
@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     records = [r for split in cfg.splits for r in load_karpathy(cfg.data_json, cfg.image_root, split,
                                                                check_files=cfg.source == "captioner")]
     if cfg.source == "scene":
-        rows = scene_queries(cfg, {r.imgid: r.split for r in records})
+        rows = scene_queries(cfg, {r.imgid: canonical_split(r.split) for r in records})
     else:
         if cfg.verify_images:
             verify_images([r.path for r in records], cfg.data_json, cfg)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from core.config import parse_config
-from core.data import caption_queries, load_karpathy
+from core.data import canonical_split, caption_queries, load_karpathy
 from core.errors import InputError
 from core.io import atomic_write_jsonl, read_jsonl
 from rqvae.codes import Identifiers
@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     train_rows = rows_for([(q.text, q.imgid) for q in caption_queries(train)], ids, "caption")
     if cfg.pseudo_queries:
         pseudo = [p for p in read_jsonl(cfg.pseudo_queries, required=["imgid", "query", "split"])
-                  if p["split"] in cfg.pseudo_splits]
+                  if canonical_split(p["split"]) in cfg.pseudo_splits]  # files written before restval said train
         if not pseudo:
             raise InputError(cfg.pseudo_queries, "split", f"no pseudo query for splits {cfg.pseudo_splits}")
         ids.require([p["imgid"] for p in pseudo], what="pseudo-query image")

@@ -36,13 +36,14 @@ def test_prepare_dataset_on_a_coco_fixture(tmp_path):
     write_codes(tmp_path / "codes.json", build_codes(list(range(5)), ["train", "train", "val", "test", "test"], codes, 4, True))
     pseudo = tmp_path / "pseudo.jsonl"
     pseudo.write_text("".join(json.dumps({"imgid": i, "split": s, "query": f"pseudo {i}"}) + "\n"
-                              for i, s in [(0, "train"), (3, "test"), (4, "test")]))
+                              for i, s in [(0, "train"), (1, "restval"), (3, "test"), (4, "test")]))
     out = prepare_dataset.main(["--data_json", str(data_json), "--image_root", str(tmp_path / "images"),
                                 "--codes", str(tmp_path / "codes.json"), "--pseudo_queries", str(pseudo),
                                 "--output_dir", str(tmp_path / "data")])
     train = read_jsonl(out / "train.jsonl")
     assert {r["imgid"] for r in train if r["source"] == "caption"} == {0, 1}  # restval joins train
-    assert {r["imgid"] for r in train if r["source"] == "pseudo"} == {0, 3, 4}
+    # a restval image's pseudo queries (as files written before restval was named train say) are training rows
+    assert {r["imgid"] for r in train if r["source"] == "pseudo"} == {0, 1, 3, 4}
     assert all(r["code"][:-1] == codes[r["imgid"]].tolist() for r in train)
     assert [r["imgid"] for r in read_jsonl(out / "val.jsonl")] == [2, 2]
 
@@ -87,7 +88,7 @@ def test_captioner_pseudo_queries_on_a_tiny_blip(tiny_blip, tmp_path):
                                       *captioner_args(tmp_path, data_json)])
     rows = read_jsonl(out)
     assert [r["imgid"] for r in rows] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]  # every image of every split, in order
-    assert [r["split"] for r in rows[::2]] == ["train", "restval", "val", "test", "test"]
+    assert [r["split"] for r in rows[::2]] == ["train", "train", "val", "test", "test"]  # restval is training data
     assert all(isinstance(r["query"], str) for r in rows)
 
 

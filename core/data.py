@@ -143,6 +143,13 @@ def open_image(path: str | Path, listed_in: str | Path | None = None) -> Image.I
         raise InputError(path, "image", f"cannot decode the image: {e}{where}") from None
 
 
+def to_pixels(image: Image.Image, resolution: int) -> torch.Tensor:
+    """An image as the project's small pixel models read it (the Shapes UNet, the scene reader):
+    [3, resolution, resolution] in [-1, 1], box-filtered (clean down-sampling)."""
+    small = image.convert("RGB").resize((resolution, resolution), Image.BOX)
+    return torch.from_numpy(np.asarray(small).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """One preprocessed image per item, opened from disk when asked for: memory does not grow with the corpus."""
 

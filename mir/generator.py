@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from core.data import open_image
+from core.data import open_image, to_pixels
 from core.device import autocast, get_device, pretrained_dtype_kwargs
 from core.encoders import DualEncoder, load_dual_encoder
 from core.errors import InputError
@@ -227,12 +227,6 @@ class ShapesGenerator:
         """The UNet's output (x0 for the Shapes scheduler) at one timestep `t` for every row of `x`."""
         with autocast(self.device):
             return self.unet(x, t.expand(len(x)), cond).float()
-
-
-def to_pixels(image: Image.Image, resolution: int) -> torch.Tensor:
-    """An image as the UNet reads it: [3, resolution, resolution] in [-1, 1] (box filter: clean down-sampling)."""
-    small = image.convert("RGB").resize((resolution, resolution), Image.BOX)
-    return torch.from_numpy(np.asarray(small).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
 def images_to_pixels(images: Sequence[Image.Image], resolution: int) -> torch.Tensor:

@@ -49,8 +49,8 @@ from mir.generator import (SHAPES_SCHEDULER, SHAPES_UNET, STAGE, Conditioning, P
                            build_unet, images_to_pixels, load_shapes_generator, to_pil, to_pixels,
                            write_generator_files)
 from mir.layout import LAYOUT_FILE, LayoutEncoder, layout_accuracy, layout_tokens, load_layout_encoder, load_or_train_layout
-from mir.scene_reader import (READER_FILE, READER_RESOLUTION, complete_caption, load_or_train_reader, object_metrics,
-                              read_cells)
+from core.shapes.scene_reader import READER_FILE, READER_RESOLUTION, load_or_train_reader, object_metrics, read_cells
+from mir.object_check import complete_caption
 
 
 def unet_keys() -> dict[str, None]:
@@ -351,7 +351,7 @@ def train_layout(cfg: TrainGeneratorConfig, encoder: Any, train: Sequence[ImageR
 
 
 def object_accuracy(cfg: TrainGeneratorConfig, generator: Any, records: Sequence[Any], out: Path) -> dict[str, float]:
-    """GenEval-style object check (mir.scene_reader): each of the first `eval_images` eval images that has a caption
+    """GenEval-style object check (core.shapes.scene_reader): each of the first `eval_images` eval images that has a caption
     naming every object is generated from that caption, and a reader trained on the real training images says
     which shape and colour it sees in each grid cell. With a layout encoder, also how often it reads those
     captions right. Returns {} with a note when the world's scenes.json is absent."""

@@ -30,6 +30,17 @@ def shapes_world(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def scene_reader_file(shapes_world, tmp_path_factory) -> Path:
+    """A scene reader trained on the tiny world's training images (25 epochs: it reads held-out images nearly
+    perfectly), through the module's own entry point."""
+    from core.shapes import scene_reader
+
+    out = tmp_path_factory.mktemp("reader") / "scene_reader.pt"
+    return scene_reader.main(["--data_json", str(shapes_world / "dataset_shapes.json"), "--out", str(out),
+                              "--epochs", "25", "--batch_size", "32", "--num_workers", "0"])
+
+
+@pytest.fixture(scope="session")
 def dense_run(shapes_world, tmp_path_factory) -> Path:
     """A dense run folder (checkpoint-best/, checkpoint-last/, emb/) trained briefly on the tiny world."""
     import json

@@ -12,7 +12,7 @@ from core.shapes.make import load_scenes
 from core.shapes.world import Obj, Scene
 from mir.generator import cell_cover
 from mir.layout import LAYOUT_CHANNELS, layout_accuracy, layout_targets, layout_tokens, load_or_train_layout
-from mir.scene_reader import complete_caption
+from mir.object_check import complete_caption
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from core.data import load_karpathy
 from core.errors import InputError
 from mir.generator import ImageCache, build_unet, load_generator
 from mir.layout import LAYOUT_FILE
-from mir.scene_reader import READER_FILE
+from core.shapes.scene_reader import READER_FILE
 from mir.train_generator import diffusion_loss, load_pixels
 from tests.mir.conftest import with_cached_helpers
 

@@ -1,20 +1,21 @@
-"""Object-level accuracy of generated Shapes images, in the spirit of GenEval (Ghosh et al., 2023).
+"""A reader of Shapes pixels: a small CNN, trained on the real training images and their scenes from
+`scenes.json`, that reads any 32 px image back into the 3×3 grid of (shape or empty, colour or none).
 
-Gen→real recall says whether a generated image lands near its target in the dense embedding space; it does not
-say whether the image shows the objects its caption names. A `SceneReader` (a small CNN trained on the real
-training images and their scenes from `scenes.json`) reads any 32 px image back into a 3×3 grid of
-(shape or empty, colour or none). Applied to an image generated from a caption that names every object of a
-test scene, it gives per object: the right shape in the right cell, the right colour there, both; and the number
-of objects drawn in cells that the scene leaves empty (a duplicated or invented shape). Its accuracy on the real
-test images is reported beside, as the ceiling of what it can read.
+Two stages use it. The GenIR stage's object check (in the spirit of GenEval, Ghosh et al., 2023) reads generated
+images: per object of a test scene, the right shape in the right cell, the right colour there, both; and the number
+of objects drawn in cells the scene leaves empty. The pixel-reading stand-ins for a person or a foundation model
+(`core.shapes.scene_diff`) read two images and say what differs. Neither reads `scenes.json` once the reader is
+trained: scenes are its training labels only.
 
-The training images are read through a DataLoader (one opened per item, `mir.generator.PixelImages`), never held
-for the whole split; `load_or_train_reader` caches the trained reader as one file.
+The training images are read through a DataLoader (one opened per item, `PixelImages`), never held for the whole
+split; `load_or_train_reader` caches the trained reader as one file.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -22,10 +23,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from core.data import LoaderOptions, epoch_batches, make_loader
+from core.config import parse_config
+from core.data import LoaderOptions, epoch_batches, make_loader, to_pixels
+from core.errors import InputError
 from core.fit import fit
+from core.logging import progress
 from core.shapes.world import COLOUR_CLASSES, GRID, SHAPE_CLASSES, Scene, cell_classes
-from mir.refiner import parse_caption
 
 CELLS = GRID * GRID
 READER_RESOLUTION = 32  # the reader reads every image at this size (box filter), whatever the generator's
@@ -160,19 +163,6 @@ def _mean(values: Sequence[float]) -> float:
     return float(np.mean(values)) if len(values) else float("nan")
 
 
-def names_every_object(caption: str, scene: Scene) -> bool:
-    """Whether the caption names each of the scene's objects with shape, colour, size and cell (and no other)."""
-    state = parse_caption(caption)
-    said = {(o.shape, o.colour, o.size, o.cell) for o in state.objects}
-    truth = {(o.shape, o.colour, o.size, o.cell) for o in scene.objects}
-    return len(state.objects) == len(scene.objects) and said == truth
-
-
-def complete_caption(captions: Sequence[str], scene: Scene) -> str | None:
-    """The first of an image's captions that names every object of its scene, if any."""
-    return next((c for c in captions if names_every_object(c, scene)), None)
-
-
 def load_or_train_reader(path: Path, train_images: Callable[[], torch.utils.data.Dataset | torch.Tensor],
                          train_scenes: Sequence[Scene], seed: int, epochs: int = 4, batch_size: int = 64,
                          progress: Callable | None = None, loader: LoaderOptions | None = None) -> SceneReader:
@@ -192,3 +182,62 @@ def load_or_train_reader(path: Path, train_images: Callable[[], torch.utils.data
     torch.save({"key": key, "state_dict": reader.state_dict()}, tmp)
     tmp.replace(path)
     return reader
+
+
+def load_reader(path: str | Path) -> SceneReader:
+    """A reader file written by `load_or_train_reader` (or this module's entry point)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "scene reader", "no scene reader file here; train one with "
+                         "`python -m core.shapes.scene_reader --data_json <world>/dataset_shapes.json --out <file>`")
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(saved, dict) or "state_dict" not in saved:
+        raise InputError(path, "state_dict", "not a scene reader file")
+    reader = SceneReader()
+    reader.load_state_dict(saved["state_dict"])
+    return reader.eval()
+
+
+@dataclass
+class TrainReaderConfig(LoaderOptions):
+    data_json: str = ""  # the world's Karpathy-format caption file; its train split (and scenes.json beside it) trains the reader
+    image_root: str = ""  # folder the file's image paths are relative to (default: `images` beside data_json)
+    out: str = ""  # the reader file to write (reused when it was trained with the same settings)
+    seed: int = 0
+    epochs: int = 4
+    batch_size: int = 64
+
+
+def train_world_reader(cfg: TrainReaderConfig) -> SceneReader:
+    """The reader for a Shapes world, trained on its training images and their scenes only."""
+    from core.data import ImageDataset, load_karpathy
+    from core.shapes.make import SCENES_FILE, load_scenes
+
+    if not cfg.data_json or not cfg.out:
+        raise InputError("command line", "data_json" if not cfg.data_json else "out", "required")
+    data_json = Path(cfg.data_json)
+    scenes_file = data_json.parent / SCENES_FILE
+    if not scenes_file.is_file():
+        raise InputError(scenes_file, "scenes", "the scene reader learns from the Shapes world's scenes, which are "
+                         "not beside the caption file")
+    train = load_karpathy(data_json, cfg.image_root or data_json.parent / "images", "train")
+    scenes = {r.imgid: r.scene for r in load_scenes(data_json.parent)}
+    missing = [r.imgid for r in train if r.imgid not in scenes]
+    if missing:
+        raise InputError(scenes_file, "images", f"no scene for imgid {missing[0]} of {data_json}")
+    pixels = functools.partial(to_pixels, resolution=READER_RESOLUTION)
+    return load_or_train_reader(Path(cfg.out), lambda: ImageDataset([r.path for r in train], pixels, data_json),
+                                [scenes[r.imgid] for r in train], cfg.seed, cfg.epochs, cfg.batch_size,
+                                progress=progress, loader=cfg)
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    cfg = parse_config(TrainReaderConfig, argv)
+    Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+    train_world_reader(cfg)
+    print(f"scene reader → {cfg.out}")
+    return Path(cfg.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -8,9 +8,11 @@ import torch
 from core.data import load_karpathy
 from core.shapes.make import load_scenes
 from core.shapes.world import Obj, Scene
+from core.errors import InputError
+from core.shapes.scene_reader import (COLOUR_CLASSES, READER_FILE, READER_RESOLUTION, SHAPE_CLASSES, load_or_train_reader,
+                                      load_reader, object_metrics, read_cells)
 from mir.generator import PixelImages
-from mir.scene_reader import (COLOUR_CLASSES, READER_RESOLUTION, SHAPE_CLASSES, complete_caption,
-                              load_or_train_reader, names_every_object, object_metrics, read_cells)
+from mir.object_check import complete_caption, names_every_object
 from mir.train_generator import load_pixels
 
 SCENE = Scene(objects=(Obj("circle", "red", "small", 0, 0), Obj("square", "blue", "large", 2, 1)),
@@ -52,7 +54,15 @@ def world_split(shapes_world):
     return scenes, train, test
 
 
-def test_reader_reads_real_heldout_images_and_is_cached(world_split, tmp_path):
+def test_reader_reads_real_heldout_images(world_split, scene_reader_file):
+    scenes, _, test = world_split
+    m = object_metrics(*read_cells(load_reader(scene_reader_file), load_pixels([r.path for r in test], READER_RESOLUTION)),
+                       [scenes[r.imgid] for r in test])
+    # chance of the right (shape, colour) pair in a cell is about 1/7 × 1/9; 400 training images read nearly all
+    assert m["object acc"] > 85 and m["extra objects / image"] < 0.2, m
+
+
+def test_reader_is_cached_by_its_settings(world_split, tmp_path):
     scenes, train, test = world_split
     loads = []
 
@@ -61,14 +71,19 @@ def test_reader_reads_real_heldout_images_and_is_cached(world_split, tmp_path):
         return PixelImages([r.path for r in train], READER_RESOLUTION)
 
     train_scenes = [scenes[r.imgid] for r in train]
-    reader = load_or_train_reader(tmp_path / "reader.pt", train_pixels, train_scenes, seed=0, epochs=25, batch_size=32)
-    m = object_metrics(*read_cells(reader, load_pixels([r.path for r in test], READER_RESOLUTION)),
-                       [scenes[r.imgid] for r in test])
-    # chance of the right (shape, colour) pair in a cell is about 1/7 × 1/9; 400 training images read nearly all
-    assert m["object acc"] > 85 and m["extra objects / image"] < 0.2, m
-    again = load_or_train_reader(tmp_path / "reader.pt", train_pixels, train_scenes, seed=0, epochs=25, batch_size=32)
+    reader = load_or_train_reader(tmp_path / READER_FILE, train_pixels, train_scenes, seed=0, epochs=1, batch_size=64)
+    again = load_or_train_reader(tmp_path / READER_FILE, train_pixels, train_scenes, seed=0, epochs=1, batch_size=64)
     assert len(loads) == 1  # the second call loaded the cached reader
     x = load_pixels([test[0].path], READER_RESOLUTION)
     assert all(torch.equal(a, b) for a, b in zip(read_cells(reader, x), read_cells(again, x)))
-    load_or_train_reader(tmp_path / "reader.pt", train_pixels, train_scenes, seed=0, epochs=1, batch_size=32)
+    assert all(torch.equal(a, b) for a, b in zip(read_cells(reader, x), read_cells(load_reader(tmp_path / READER_FILE), x)))
+    load_or_train_reader(tmp_path / READER_FILE, train_pixels, train_scenes, seed=1, epochs=1, batch_size=64)
     assert len(loads) == 2  # other settings: trained anew
+
+
+def test_a_missing_or_foreign_reader_file_is_refused(tmp_path):
+    with pytest.raises(InputError, match="no scene reader file"):
+        load_reader(tmp_path / "missing.pt")
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(InputError, match="not a scene reader file"):
+        load_reader(tmp_path / "other.pt")

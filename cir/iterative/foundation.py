@@ -1,6 +1,7 @@
 """Foundation models that write a modification text for a (reference, target) image pair, turning a mined hard
 negative into a new positive: Qwen2-VL (both images in one multi-image chat turn), LLaVA-style (the two images
-side by side in one picture) and the project's own MTST generator (`core.modtext`, the default on Shapes).
+side by side in one picture), the project's own MTST generator (`core.modtext`) and, on Shapes, a stand-in that
+reads both images' pixels with the scene reader and says what differs (`core.shapes.scene_diff`).
 No fallback: a model that fails to load or to generate stops the run.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from core.io import json_digest
 from core.vlm import ChatVLM, side_by_side
 from cir.iterative.manifest import hash_model_source
 
-FOUNDATION_BACKBONES = ("mtst", "qwen2_vl", "llava")
+FOUNDATION_BACKBONES = ("mtst", "qwen2_vl", "llava", "scene_reader")
 
 # The prompt the chat models read; the original text is shown so the model writes a *different* instruction,
 # one that fits the hard negative rather than the original target.
@@ -124,6 +125,30 @@ class MTSTFoundation:
                                        num_beams=self.num_beams, seed=seed)
 
 
+class SceneReaderFoundation:
+    """Shapes only: the scene reader reads the reference and the target (the mined hard negative) into their grids
+    and the text says, in the world's grammar, how to change one into the other. It sees pixels only, as a
+    vision-language model would; an empty text (the reader sees no difference) is dropped by the text filter."""
+
+    def __init__(self, comparer: Any, source: str):
+        self.comparer, self.source = comparer, source
+
+    @classmethod
+    def from_pretrained(cls, path: str, device: torch.device | None = None, max_new_tokens: int = 24,
+                        num_beams: int = 1, do_sample: bool = False) -> "SceneReaderFoundation":
+        from core.shapes.scene_diff import PixelComparer
+        from core.shapes.scene_reader import load_reader
+
+        return cls(PixelComparer(load_reader(path), device), path)
+
+    def settings(self) -> dict[str, Any]:
+        return foundation_settings("scene_reader", self.source, 0, 1, False)
+
+    def generate(self, references: Sequence[Image.Image], targets: Sequence[Image.Image],
+                 originals: Sequence[str], seed: int) -> list[str]:
+        return self.comparer.describe(references, targets)
+
+
 def foundation_settings(backbone: str, path: str, max_new_tokens: int, num_beams: int, do_sample: bool) -> dict[str, Any]:
     """What the generated texts depend on (the manifest's generator entry), known without loading the model."""
     prompt = {"qwen2_vl": [PAIR_PROMPT, QWEN_LAYOUT], "llava": [PAIR_PROMPT, LLAVA_LAYOUT]}.get(backbone)
@@ -135,7 +160,8 @@ def load_foundation_model(backbone: str, path: str, device: torch.device | None 
                           num_beams: int = 1, do_sample: bool = False) -> FoundationModel:
     """The foundation model named by `--foundation_model_backbone` from `--foundation_model_path`."""
     check_foundation_args(backbone, path)
-    kinds = {"mtst": MTSTFoundation, "qwen2_vl": Qwen2VLFoundation, "llava": LlavaFoundation}
+    kinds = {"mtst": MTSTFoundation, "qwen2_vl": Qwen2VLFoundation, "llava": LlavaFoundation,
+             "scene_reader": SceneReaderFoundation}
     return kinds[backbone].from_pretrained(path, device=device or get_device(), max_new_tokens=max_new_tokens,
                                            num_beams=num_beams, do_sample=do_sample)
 
@@ -148,5 +174,5 @@ def check_foundation_args(backbone: str, path: str) -> None:
     if not path:
         raise InputError("command line", "foundation_model_path", "no foundation model given")
     # A local-looking path must exist; anything else is taken as a hub name (real runs only).
-    if (path.startswith((".", "/", "~")) or backbone == "mtst") and not Path(path).expanduser().exists():
+    if (path.startswith((".", "/", "~")) or backbone in ("mtst", "scene_reader")) and not Path(path).expanduser().exists():
         raise InputError(path, "foundation_model_path", "foundation model folder not found")

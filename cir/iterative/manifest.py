@@ -33,7 +33,9 @@ def hash_folder(folder: str | Path, skip: Iterable[str] = ("meta.json", "manifes
 
 
 def hash_model_source(path: str) -> str:
-    """A folder on disk is hashed by content; a hub name (real runs) is identified by the name itself."""
+    """A folder or file on disk is hashed by content; a hub name (real runs) is identified by the name itself."""
+    if Path(path).is_file():
+        return file_digest(path)
     return hash_folder(path) if Path(path).is_dir() else f"name:{path}"
 
 

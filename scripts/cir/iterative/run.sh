@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# The iterative CIR stage in the main job, step by step; needs the CIR stage (scripts/cir/run.sh) first.
+# The iterative CIR stage in the main job, step by step, once with each Shapes foundation stand-in (the scene reader,
+# then the MTST generator); needs the CIR stage (scripts/cir/run.sh) first.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
-for step in 01_train 02_evaluate; do bash "scripts/cir/iterative/$step.sh"; done
+for foundation in scene_reader mtst; do
+  for step in 01_train 02_evaluate; do FOUNDATION=$foundation bash "scripts/cir/iterative/$step.sh"; done
+done

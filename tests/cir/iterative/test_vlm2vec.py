@@ -86,7 +86,9 @@ def test_vlm2vec_adapter_loads_trains_alone_and_reloads(tiny_qwen2vl, adapter, c
     assert any(getattr(m, "gradient_checkpointing", False) for m in model.vlm.modules())
     lora0, base0 = _split(model)
     saved = load_file(adapter / "adapter_model.safetensors")
-    assert len(lora0) == len(saved) > 0  # the saved adapter's weights, not a fresh adapter
+    # the saved adapter's weights, not a fresh adapter (peft names them without the adapter's name "default")
+    assert len(lora0) == len(saved) > 0
+    assert all(torch.equal(p, saved[n.removeprefix("vlm.").replace(".default", "")]) for n, p in lora0.items())
     assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
     assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
     bare = load_backbone("qwen2_vl", str(tiny_qwen2vl), vlm_options=VLM2VecOptions(max_pixels=0))  # fresh: = base

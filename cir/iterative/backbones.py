@@ -225,8 +225,10 @@ def enable_checkpointing(model: torch.nn.Module) -> None:
     """Activation (gradient) checkpointing of every layer. Non-reentrant, so gradients reach the adapters although
     the frozen embeddings' outputs need none (the reentrant kind would need enable_input_require_grads)."""
     kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers' name since gradient_checkpointing_enable
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)  # was deprecated
+    # transformers deprecates gradient_checkpointing_enable for activation_checkpointing_enable; a version without
+    # the new name gets the old one.
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 

@@ -154,3 +154,39 @@ def test_the_cirr_config_names_base_adapter_and_recipe():
     assert cfg.lora_target_modules == list(VLM2VEC_TARGET_MODULES)
     assert cfg.gradient_checkpointing and cfg.max_pixels == 28 * 28 * 1280
     check_vlm2vec_options(cfg)
+
+
+def test_the_loop_runs_on_the_vlm2vec_backbone_and_keeps_adapters_only(tiny_qwen2vl, adapter, tmp_path):
+    """train_iterative + eval_iterative with qwen2_vl over base + adapter on a small world: every round's folder is
+    an adapter, round 0's hash covers the adapter, and a rerun with --auto_resume reuses every round."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from cir.iterative import eval_iterative, manifest, train_iterative
+    from core.shapes.make import WorldConfig, make_world
+
+    world = make_world(WorldConfig(seed=0, out_dir=str(tmp_path / "shapes"), n_train=40, n_val=12, n_test=12,
+                                   image_size=56))
+    exp = tmp_path / "exp"
+    args = ["--data_dir", str(world / "cirr"), "--model_backbone", "qwen2_vl", "--model_path", str(tiny_qwen2vl),
+            "--model_adapter", str(adapter), "--max_pixels", "0", "--foundation_model_backbone", "qwen2_vl",
+            "--foundation_model_path", str(tiny_qwen2vl), "--experiment_dir", str(exp), "--num_iterations", "2",
+            "--epochs_per_round", "1", "--batch_size", "8", "--hard_negative_k", "2", "--max_augment_per_round", "4",
+            "--generation_batch_size", "4", "--max_new_tokens", "4", "--fast_mode", "true",
+            "--fast_mode_triplets", "16", "--learning_rate", "1e-2", "--num_workers", "0", "--eval_batch_size", "16",
+            "--wandb", "false"]
+    train_iterative.main(args)
+    for n in (1, 2):
+        assert sorted(p.name for p in (exp / f"checkpoint_iter_{n}").iterdir()) == [
+            "README.md", "adapter_config.json", "adapter_model.safetensors", "iteration.json", "iterative_backbone.json"]
+    first = json.loads((exp / "checkpoint_iter_1" / train_iterative.ROUND_FILE).read_text())["manifest"]
+    assert first["init"] == f"{manifest.hash_folder(tiny_qwen2vl)}+{manifest.hash_folder(adapter)}"
+    start, trained = load_file(adapter / "adapter_model.safetensors"), load_file(
+        exp / "checkpoint_iter_2" / "adapter_model.safetensors")
+    assert set(start) == set(trained) and any(not torch.equal(start[k], trained[k]) for k in start)
+    stamps = {p: p.stat().st_mtime_ns for p in exp.glob("*_iter_*") if p.is_file()}
+    train_iterative.main(args + ["--auto_resume", "true"])  # every round's manifest matches: nothing recomputed
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    rows = eval_iterative.main(["--experiment_dir", str(exp), "--num_workers", "0"])
+    assert list(rows) == ["round0", "round1", "round2"]

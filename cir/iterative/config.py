@@ -13,10 +13,40 @@ GENERATION_FIELDS = ("foundation_model_backbone", "augment_per_query", "max_augm
                      "num_beams", "do_sample", "max_text_words", "generation_batch_size", "seed")
 TRAINING_FIELDS = ("batch_size", "learning_rate", "weight_decay", "epochs_per_round", "warmup_steps",
                    "negatives_per_query", "accumulate_augmented", "fast_mode", "fast_mode_triplets", "seed")
+# The qwen2_vl embedder's options (VLM2VecOptions): part of the manifests of qwen2_vl runs only, so adding them left
+# every composed_retriever experiment's cached rounds valid. The pixel cap changes every embedding (mining too), the
+# LoRA shape what training learns; gradient checkpointing changes memory only, not the numbers, so it is left out.
+VLM2VEC_MINING_FIELDS = ("max_pixels",)
+VLM2VEC_TRAINING_FIELDS = ("max_pixels", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_dora")
+
+# VLM2Vec's LoRA targets (its ModelArguments.lora_target_modules). On Qwen2-VL the names that exist are the language
+# model's q/k/v/o and MLP down projections; the vision tower (qkv, proj, fc1, fc2) stays frozen.
+VLM2VEC_TARGET_MODULES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "k_proj", "q_proj", "out_proj", "v_proj")
 
 
 @dataclass
-class TrainIterativeConfig(LoaderOptions):
+class VLM2VecOptions:
+    """How the qwen2_vl backbone is loaded and trained, as VLM2Vec trains its embedder: LoRA adapters over a frozen
+    Qwen2-VL (weights in bf16 on CUDA, core.device), gradient checkpointing, a cap on each image's pixels."""
+    # a PEFT LoRA adapter (folder with adapter_config.json + adapter_model.safetensors, or hub name) loaded over
+    # model_path as the round-0 model, e.g. model_path Qwen/Qwen2-VL-2B-Instruct + TIGER-Lab/VLM2Vec-Qwen2VL-2B;
+    # empty = a fresh adapter of the shape below. Later rounds load their own checkpoint's adapter over the same base.
+    model_adapter: str = ""
+    # the shape of a fresh adapter (VLM2Vec: r 16, alpha 64, dropout 0.1, DoRA, Gaussian init); an adapter loaded
+    # from model_adapter keeps the shape it was saved with
+    lora_r: int = 16
+    lora_alpha: int = 64
+    lora_dropout: float = 0.1
+    lora_target_modules: list[str] = field(default_factory=lambda: list(VLM2VEC_TARGET_MODULES))
+    lora_dora: bool = True                  # weight-decomposed LoRA (use_dora), as VLM2Vec trains
+    gradient_checkpointing: bool = True     # recompute activations in the backward pass: a 2B VLM's batch fits
+    # at most this many pixels per image, passed to the Qwen2-VL processor (each 28x28 block is one image token);
+    # VLM2Vec's 28*28*1280. 0 = the processor's saved setting. A trained checkpoint keeps the cap it trained with.
+    max_pixels: int = 28 * 28 * 1280
+
+
+@dataclass
+class TrainIterativeConfig(LoaderOptions, VLM2VecOptions):
     # data: the CIRR layout (captions/cap.rc2.{split}.json, image_splits/split.rc2.{split}.json)
     dataset_name: str = "shapes"            # shapes | cirr (both in the CIRR layout); names the experiment folder
     data_dir: str = ""                      # folder holding captions/ and image_splits/
@@ -26,6 +56,7 @@ class TrainIterativeConfig(LoaderOptions):
     # the embedding model (round 0 = the model in model_path)
     model_backbone: str = "composed_retriever"   # composed_retriever (Shapes) | qwen2_vl (VLM2Vec-style)
     model_path: str = ""                    # folder (or hub name for qwen2_vl) of the round-0 model
+    # (qwen2_vl: the base Qwen2-VL; its adapter, LoRA shape, pixel cap: the VLM2VecOptions fields)
     # composed_retriever: its frozen image encoder's tokens are cached on disk (float16, image_cache/ in the
     # experiment); false = the encoder runs live on every batch (a ViT-g's tokens of CIRR are ~15 GB). Either way
     # the same numbers up to float16 rounding, so it is not part of the rounds' manifests.
@@ -75,3 +106,13 @@ class EvalIterativeConfig(LoaderOptions):
     summary: str = ""                       # the main job's results.json (rows round0..roundN); empty = none
     summary_stage: str = "cir-iterative"
     seed: int = 0
+
+
+def mining_fields(cfg: TrainIterativeConfig) -> tuple[str, ...]:
+    """The fields a round's mining manifest hashes for this run's backbone."""
+    return MINING_FIELDS + (VLM2VEC_MINING_FIELDS if cfg.model_backbone == "qwen2_vl" else ())
+
+
+def training_fields(cfg: TrainIterativeConfig) -> tuple[str, ...]:
+    """The fields a round's training manifest hashes for this run's backbone."""
+    return TRAINING_FIELDS + (VLM2VEC_TRAINING_FIELDS if cfg.model_backbone == "qwen2_vl" else ())

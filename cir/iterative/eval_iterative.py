@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     submissions: dict[str, dict[str, str]] = {}
     for n in rounds:
         model = load_backbone(train_cfg.model_backbone, round_model_path(exp, train_cfg, n), device=info.device,
-                              cache_tokens=train_cfg.cache_image_tokens)
+                              cache_tokens=train_cfg.cache_image_tokens, vlm_options=train_cfg)
         corpus.prepare(model.to(info.device), info)
         scores = score_queries(model, corpus, triplets, gallery, cfg.eval_batch_size, info)
         if info.is_main:

@@ -25,8 +25,8 @@ from typing import Any, Callable, Sequence, TypeVar
 import numpy as np
 
 from cir.iterative import augment, manifest
-from cir.iterative.backbones import MODEL_BACKBONES, EmbeddingBackbone, load_backbone
-from cir.iterative.config import GENERATION_FIELDS, MINING_FIELDS, TRAINING_FIELDS, TrainIterativeConfig
+from cir.iterative.backbones import MODEL_BACKBONES, EmbeddingBackbone, check_vlm2vec_options, load_backbone
+from cir.iterative.config import GENERATION_FIELDS, TrainIterativeConfig, mining_fields, training_fields
 from cir.iterative.data import Corpus, Triplet, load_split, split_listing
 from cir.iterative.evaluate import evaluate_split
 from cir.iterative.foundation import check_foundation_args, foundation_settings, load_foundation_model
@@ -79,6 +79,8 @@ def validate_config(cfg: TrainIterativeConfig) -> None:
         raise InputError("command line", "model_path", "no round-0 model given")
     if cfg.model_backbone == "composed_retriever" and not Path(cfg.model_path).is_dir():
         raise InputError(cfg.model_path, "model_path", "round-0 model folder not found")
+    if cfg.model_backbone == "qwen2_vl":
+        check_vlm2vec_options(cfg)
     check_foundation_args(cfg.foundation_model_backbone, cfg.foundation_model_path)
     for name in ("num_iterations", "hard_negative_k", "batch_size", "epochs_per_round", "eval_batch_size",
                  "generation_batch_size", "augment_per_query", "max_text_words"):
@@ -163,13 +165,16 @@ class RoundLoop:
         if self.model_round != round_index:
             path = round_model_path(self.exp, self.cfg, round_index)
             self.model = load_backbone(self.cfg.model_backbone, path, device=self.device,
-                                       cache_tokens=self.cfg.cache_image_tokens).to(self.device)
+                                       cache_tokens=self.cfg.cache_image_tokens, vlm_options=self.cfg).to(self.device)
             self.model_round = round_index
             self.corpus.prepare(self.model, self.info)
         return self.model
 
     def model_hash(self, round_index: int) -> str:
-        return manifest.hash_model_source(round_model_path(self.exp, self.cfg, round_index))
+        source = manifest.hash_model_source(round_model_path(self.exp, self.cfg, round_index))
+        if round_index == 0 and self.cfg.model_backbone == "qwen2_vl" and self.cfg.model_adapter:
+            source += "+" + manifest.hash_model_source(self.cfg.model_adapter)  # the round-0 model is base + adapter
+        return source
 
     def temperature(self, model: EmbeddingBackbone) -> float:
         return model.temperature
@@ -178,7 +183,7 @@ class RoundLoop:
     def mine(self, n: int, reuse: bool) -> tuple[Path, dict[str, Any]]:
         path = hard_negatives_file(self.exp, n)
         expected = self.on_main(lambda: {"round": n, "model": self.model_hash(n - 1), "data": self.data_hash,
-                                         "config": manifest.config_hash(self.cfg, MINING_FIELDS)})
+                                         "config": manifest.config_hash(self.cfg, mining_fields(self.cfg))})
         cached = self.on_main(lambda: manifest.read_cached(path, expected) if reuse else None)
         if cached is not None:
             log.info("round %d: hard negatives reused from %s (manifest matches)", n, path.name)
@@ -242,7 +247,7 @@ class RoundLoop:
         expected = self.on_main(lambda: {
             "round": n, "init": self.model_hash(n - 1), "hard_negatives": file_digest(hn_path),
             "augmented": [file_digest(self.exp / f"augmented_samples_iter_{r}.json") for r in rounds],
-            "config": manifest.config_hash(cfg, TRAINING_FIELDS)})
+            "config": manifest.config_hash(cfg, training_fields(cfg))})
         stored = self.on_main(lambda: read_json(folder / ROUND_FILE)
                               if reuse and (folder / ROUND_FILE).is_file() else None)
         if stored is not None and stored.get("manifest") == expected:

@@ -107,7 +107,11 @@ def test_bad_options_fail_before_any_work(tmp_path):
              (["--foundation_model_backbone", "gpt4"], "foundation_model_backbone"),
              (["--hard_negative_k", "0"], "hard_negative_k"),
              (["--resume_from_iteration", "9"], "resume_from_iteration"),
-             (["--no_such_option", "1"], "no_such_option")]
+             (["--no_such_option", "1"], "no_such_option"),
+             (["--model_backbone", "qwen2_vl", "--model_adapter", str(tmp_path / "no_adapter")], "model_adapter"),
+             (["--model_backbone", "qwen2_vl", "--model_adapter", str(model)], "model_adapter"),  # no peft files
+             (["--model_backbone", "qwen2_vl", "--lora_r", "0"], "lora_r"),
+             (["--model_backbone", "qwen2_vl", "--max_pixels", "-1"], "max_pixels")]
     for extra, field in cases:
         with pytest.raises(InputError) as err:
             ti.main(base + extra)

@@ -62,7 +62,7 @@ class TrainIterativeConfig(LoaderOptions, VLM2VecOptions):
     # the same numbers up to float16 rounding, so it is not part of the rounds' manifests.
     cache_image_tokens: bool = True
     # the foundation model that writes new modification texts
-    foundation_model_backbone: str = "mtst"  # mtst | qwen2_vl | llava
+    foundation_model_backbone: str = "mtst"  # mtst | qwen2_vl | llava | scene_reader (Shapes: the scene reader reads both images)
     foundation_model_path: str = ""
     max_new_tokens: int = 24
     num_beams: int = 1

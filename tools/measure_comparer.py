@@ -95,7 +95,7 @@ def measure(cfg: MeasureComparerConfig) -> dict[str, dict[str, float]]:
 
 def table(results: dict[str, dict[str, float]]) -> str:
     cols = ["precision", "recall", "recall (no size edits)", "exact pairs", "pairs"]
-    lines = ["| pairs | " + " | ".join(cols) + " | ROUGE-L (chance) |", "|---" * (len(cols) + 2) + "|"]
+    lines = ["| pair kind | " + " | ".join(cols) + " | ROUGE-L (chance) |", "|---" * (len(cols) + 2) + "|"]
     for name, m in results.items():
         rouge = f"{m['ROUGE-L']:.1f} ({m['chance ROUGE-L']:.1f})" if "ROUGE-L" in m else "–"
         lines.append(f"| {name} | " + " | ".join(f"{m[c]:.1f}" if c != "pairs" else str(m[c]) for c in cols)

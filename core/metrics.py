@@ -80,3 +80,20 @@ def mean_recall(metrics: dict[str, float]) -> float:
     """Mean of the R@K figures: the usual model-selection criterion (rsum / n)."""
     values = [v for k, v in metrics.items() if k.startswith("R@")]
     return float(np.mean(values))
+
+
+def bootstrap_interval(values: np.ndarray | Sequence[float], level: float = 0.95, resamples: int = 2000,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of per-query `values` ([N], or [N, ...] for one interval per
+    column, e.g. per round): queries are resampled with replacement, `resamples` times, from a fixed seed so a
+    table is reproducible. Returns (low, high) in the units of `values` (arrays when `values` has columns)."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim == 0 or len(x) == 0:
+        raise ValueError("a bootstrap interval needs at least one value")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    rng = np.random.default_rng(seed)
+    means = np.stack([x[rng.integers(len(x), size=len(x))].mean(axis=0) for _ in range(resamples)])
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(means, [tail, 100 - tail], axis=0)
+    return (float(low), float(high)) if x.ndim == 1 else (low, high)

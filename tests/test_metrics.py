@@ -52,3 +52,20 @@ def test_a_tie_is_shared_with_the_tied_images_by_a_random_order():
 def test_an_integer_rank_counts_every_tie_above_the_target():
     assert rank_counting_ties(np.array([0.2, 0.7, 0.7, 0.1]), np.float64(0.7)) == 1
     assert rank_counting_ties(np.zeros((2, 6)), np.zeros(2)).tolist() == [5, 5]
+
+
+def test_bootstrap_interval_covers_the_mean_and_shrinks_with_more_queries():
+    from core.metrics import bootstrap_interval
+
+    rng = np.random.default_rng(1)
+    small, large = rng.random(50) < 0.3, rng.random(5000) < 0.3
+    lo, hi = bootstrap_interval(small)
+    assert lo < small.mean() < hi
+    lo2, hi2 = bootstrap_interval(large)
+    assert lo2 < large.mean() < hi2 and (hi2 - lo2) < (hi - lo) / 5  # width ~ 1/sqrt(N): 10x the queries, ~1/10
+    # the normal approximation of a proportion's 95 % interval, for comparison
+    half = 1.96 * np.sqrt(0.3 * 0.7 / 5000)
+    assert abs((hi2 - lo2) / 2 - half) < 0.2 * half
+    assert bootstrap_interval(np.ones(10)) == (1.0, 1.0)
+    cols_lo, cols_hi = bootstrap_interval(np.stack([small, ~small], axis=1).astype(float))
+    assert cols_lo.shape == (2,) and (cols_lo < cols_hi).all()

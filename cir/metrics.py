@@ -78,6 +78,21 @@ def cirr_metrics(scores: np.ndarray, gallery: Sequence[str], triplets: Sequence[
     return out
 
 
+def cirr_avg_interval(scores: np.ndarray, gallery: Sequence[str], triplets: Sequence[CIRTriplet],
+                      level: float = 0.95) -> list[float]:
+    """A bootstrap interval (over queries) of CIRR's Avg = (R@5 + Rs@1) / 2, in %: each query contributes the mean
+    of its two hits, so the interval's centre is the split's Avg."""
+    from core.metrics import bootstrap_interval
+
+    targets = [t.target for t in triplets]
+    if any(t is None for t in targets):
+        raise InputError(None, "target_hard", "this split hides its targets (CIRR test1): no interval without them")
+    global_top = rank_gallery(scores, gallery, triplets, k=5)
+    subset_top = rank_subsets(scores, gallery, triplets)
+    per_query = [(t in g) / 2 + (t in s[:1]) / 2 for t, g, s in zip(targets, global_top, subset_top)]
+    return [100 * v for v in bootstrap_interval(per_query, level)]
+
+
 def cirr_submission(scores: np.ndarray, gallery: Sequence[str],
                     triplets: Sequence[CIRTriplet]) -> tuple[dict[str, object], dict[str, object]]:
     """The two CIRR test-server files: top-50 per pairid ("recall") and the subset top-3 ("recall_subset")."""

@@ -20,7 +20,7 @@ from cir.iterative.data import Corpus, load_split, split_listing
 from cir.iterative.evaluate import cirr_metrics_from_scores
 from cir.iterative.retrieval import score_queries
 from cir.iterative.train_iterative import CACHE_DIR, ROUND_FILE, checkpoint_dir, round_model_path, round_stats
-from cir.metrics import write_cirr_submission
+from cir.metrics import cirr_avg_interval, write_cirr_submission
 from core.config import load_saved_config, parse_config
 from core.data import verify_images
 from core.device import seed_everything
@@ -78,7 +78,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         if info.is_main:
             written = write_cirr_submission(out.parent, scores, gallery, triplets, name=f"{cfg.eval_dataset}_round{n}")
             submissions[f"round{n}"] = {"recall": written[0].name, "recall_subset": written[1].name}
-        metrics = {} if hidden else cirr_metrics_from_scores(scores, triplets, gallery)
+        metrics = {} if hidden else {**cirr_metrics_from_scores(scores, triplets, gallery),
+                                     "Avg 95% CI": cirr_avg_interval(scores, gallery, triplets)}
         results[f"round{n}"] = {**metrics, **round_stats(exp, n)}
         if not hidden:
             log.info("round %d on %s: R@1 %.2f  Avg %.2f", n, cfg.eval_dataset, metrics["R@1"], metrics["Avg"])

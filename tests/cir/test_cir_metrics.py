@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from cir.data import CIRTriplet, join_fashioniq_captions
 from cir.losses import prototype_alignment, ptha_loss, query_target_contrastive
-from cir.metrics import (cirr_metrics, cirr_submission, fashioniq_recall, fashioniq_summary, generation_scores,
+from cir.metrics import (cirr_avg_interval, cirr_metrics, cirr_submission, fashioniq_recall, fashioniq_summary, generation_scores,
                          rank_subsets, rouge_1, rouge_l)
 
 GALLERY = ["a", "b", "c", "d", "e", "f", "g"]
@@ -32,6 +32,15 @@ def test_cirr_metrics_by_hand():
     m = cirr_metrics(scores, GALLERY, triplets)
     assert m == pytest.approx({"R@1": 50.0, "R@5": 100.0, "R@10": 100.0, "R@50": 100.0,
                                "Rs@1": 50.0, "Rs@2": 100.0, "Rs@3": 100.0, "Avg": 75.0})
+
+
+def test_cirr_avg_interval_by_hand():
+    scores, triplets = _cirr_case()
+    # query 10: R@5 hit, Rs@1 miss -> 0.5; query 11: both hits -> 1.0; resamples of two values span [0.5, 1]
+    low, high = cirr_avg_interval(scores, GALLERY, triplets)
+    assert 50.0 <= low < 75.0 < high <= 100.0
+    same = cirr_avg_interval(np.repeat(scores[1:], 20, axis=0), GALLERY, [triplets[1]] * 20)
+    assert same == [100.0, 100.0]  # every query hits both: no spread
 
 
 def test_cirr_reference_is_excluded_from_gallery_and_subset():

@@ -42,11 +42,21 @@ class ChatVLM:
         """Any image-text-to-text checkpoint by hub name or local folder (Qwen2-VL, Gemma-3, LLaVA, ...)."""
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
+        from transformers import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING, AutoConfig
+
         if name_or_path.startswith((".", "/", "~")) and not Path(name_or_path).expanduser().exists():
             raise InputError(name_or_path, "vlm", "VLM folder not found")
+        # Both checks come before the weights load: a wrong name should cost seconds, not a multi-GB download.
+        config = AutoConfig.from_pretrained(name_or_path)
+        if type(config) not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
+            raise InputError(name_or_path, "model_type", f"{config.model_type!r} is not a vision-language (image-text-to-text) "
+                                                         "model; a chat VLM such as Gemma-3 or Qwen2-VL is needed")
+        processor = AutoProcessor.from_pretrained(name_or_path)
+        if getattr(processor, "chat_template", None) is None:
+            raise InputError(name_or_path, "chat_template", "the processor has no chat template; a chat VLM is needed")
         device = device or get_device()
         model = AutoModelForImageTextToText.from_pretrained(name_or_path, **pretrained_dtype_kwargs(device))
-        return cls(model, AutoProcessor.from_pretrained(name_or_path), name_or_path, device=device, **kwargs)
+        return cls(model, processor, name_or_path, device=device, **kwargs)
 
     @property
     def multi_image(self) -> bool:

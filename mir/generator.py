@@ -259,17 +259,28 @@ def to_pil(x: torch.Tensor, size: int) -> list[Image.Image]:
 
 
 class DiffusersGenerator:
-    """Any diffusers text-to-image pipeline (by hub name or local path), seeded per image."""
+    """Any diffusers text-to-image pipeline (by hub name or local path), seeded per image.
+
+    `cpu_offload` keeps each of the pipeline's models on the CPU until its turn (diffusers'
+    `enable_model_cpu_offload`): SD3.5's three text encoders, transformer and VAE then never sit on the card
+    together, so the pipeline fits beside a 4B chat VLM on a 24 GB card, at the cost of a transfer per model and call.
+    """
 
     def __init__(self, name_or_path: str, steps: int = 28, guidance: float = 3.5, size: int = 512,
-                 device: torch.device | None = None, batch_size: int = 4, pipeline: Any = None):
+                 device: torch.device | None = None, batch_size: int = 4, pipeline: Any = None,
+                 cpu_offload: bool = False):
         from diffusers import AutoPipelineForText2Image
 
         self.device = device or get_device()
+        if cpu_offload and self.device.type != "cuda":
+            raise InputError(name_or_path, "gen_cpu_offload", f"offloading to the CPU needs a CUDA device, the run has {self.device}")
         # bf16 on CUDA, fp32 on CPU (core.device)
         self.pipe = pipeline if pipeline is not None else AutoPipelineForText2Image.from_pretrained(
             name_or_path, **pretrained_dtype_kwargs(self.device))
-        self.pipe = self.pipe.to(self.device)
+        if cpu_offload:
+            self.pipe.enable_model_cpu_offload(device=self.device)
+        else:
+            self.pipe = self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         self.model_id, self.steps, self.guidance, self.size, self.batch_size = name_or_path, steps, guidance, size, batch_size
 
@@ -282,8 +293,18 @@ class DiffusersGenerator:
             with autocast(self.device):
                 out = self.pipe(prompt=batch, generator=gens, num_inference_steps=self.steps,
                                 guidance_scale=self.guidance, height=self.size, width=self.size)
+            check_sizes(out.images, self.size, self.model_id)
             images += [img.convert("RGB") for img in out.images]
         return images
+
+
+def check_sizes(images: Sequence[Image.Image], size: int, model_id: str) -> None:
+    """Every image at the size asked for: the image cache and the user's comparisons assume it, and a pipeline may
+    round a size it cannot make to one it can."""
+    wrong = sorted({im.size for im in images if im.size != (size, size)})
+    if wrong:
+        raise InputError(model_id, "gen_size", f"asked for {size}x{size} px images, the pipeline returned "
+                                               f"{', '.join(f'{w}x{h}' for w, h in wrong)}; use a size it supports")
 
 
 def is_shapes_generator(path: str | Path) -> bool:
@@ -291,13 +312,15 @@ def is_shapes_generator(path: str | Path) -> bool:
 
 
 def load_generator(name_or_path: str | Path, steps: int, guidance: float, size: int,
-                   device: torch.device | None = None, batch_size: int = 64) -> TextToImage:
-    """A trained Shapes generator folder, or else a diffusers pipeline name/path."""
+                   device: torch.device | None = None, batch_size: int = 64, cpu_offload: bool = False) -> TextToImage:
+    """A trained Shapes generator folder, or else a diffusers pipeline name/path (`cpu_offload`: see DiffusersGenerator)."""
     if is_shapes_generator(name_or_path):
+        if cpu_offload:
+            raise InputError(name_or_path, "gen_cpu_offload", "the Shapes generator is small and has no offload option")
         return load_shapes_generator(name_or_path, steps, guidance, size, device, batch_size)
     if Path(name_or_path).exists() and not (Path(name_or_path) / "model_index.json").is_file():
         raise InputError(name_or_path, "generator", f"neither a Shapes generator ({GENERATOR_FILE}) nor a diffusers pipeline (model_index.json)")
-    return DiffusersGenerator(str(name_or_path), steps, guidance, size, device, batch_size)
+    return DiffusersGenerator(str(name_or_path), steps, guidance, size, device, batch_size, cpu_offload=cpu_offload)
 
 
 def load_shapes_generator(folder: str | Path, steps: int = 20, guidance: float = 3.0, size: int = 64,

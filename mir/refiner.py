@@ -312,20 +312,35 @@ class ShapesRefiner:
                 missed += 1
         return new, missed
 
+    def refine_batch(self, states: Sequence[QueryState], feedback: Sequence[str],
+                     questions: Sequence[str] | None = None) -> tuple[list[QueryState], list[int]]:
+        """`refine` per target. The question is not read: the Shapes user's answer to "what is in the top left?"
+        describes the edit from the painted-over cell back to the target, which says where ("add a big red circle
+        in the top left", "nothing in the top left"), so the main job's text-only figures stay as measured; an
+        answer whose words leave the cell out is not given the asked cell."""
+        out = [self.refine(s, f) for s, f in zip(states, feedback)]
+        return [o[0] for o in out], [o[1] for o in out]
+
 
 class LLMRefiner:
     """Any instruction-following causal LM from transformers rewrites the description (GenIR's refiner role).
 
-    The prompt goes through the tokenizer's chat template when it has one (instruction-tuned models such as
-    Gemma-3-it expect it), else as plain text. Greedy decoding; the first line of the answer is the new query.
+    The prompt goes through the chat template when there is one (instruction-tuned models such as Gemma-3-it
+    expect it), else as plain text. Greedy decoding, batched over targets (left padding); the first line of the
+    answer is the new query. `from_chat_vlm` rewrites with the simulated user's VLM instead of a second copy of
+    the same weights (the VLM's language model reads a text-only turn).
     """
 
     PROMPT = ("You help a user find an image. Current description: \"{query}\"\n"
               "The user says how the image they want differs: \"{feedback}\"\n"
               "Write one new description of the wanted image, as a single caption:\n")
+    # In the text-only mode the answer alone loses what was asked ("a tree" without "in the top left?").
+    ANSWER_PROMPT = ("You help a user find an image. Current description: \"{query}\"\n"
+                     "You asked the user: \"{question}\" The user answered: \"{feedback}\"\n"
+                     "Write one new description of the wanted image, as a single caption:\n")
 
     def __init__(self, name_or_path: str, max_new_tokens: int = 60, model: Any = None, tokenizer: Any = None,
-                 device: Any = None):
+                 device: Any = None, chat_templater: Any = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from core.device import get_device, pretrained_dtype_kwargs
@@ -335,42 +350,62 @@ class LLMRefiner:
             name_or_path, **pretrained_dtype_kwargs(self.device))
         self.model = self.model.to(self.device).eval()
         self.tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(name_or_path)
+        # A VLM's processor holds the chat template (its tokenizer may not); it reads content as a list of parts.
+        self.chat_templater = chat_templater
         self.model_id, self.max_new_tokens = name_or_path, max_new_tokens
+
+    @classmethod
+    def from_chat_vlm(cls, vlm: Any, name: str, max_new_tokens: int = 60) -> "LLMRefiner":
+        """The refiner on a loaded `core.vlm.ChatVLM`: the same weights in memory, no second load."""
+        return cls(name, max_new_tokens, model=vlm.model, tokenizer=vlm.processor.tokenizer, device=vlm.device,
+                   chat_templater=vlm.processor)
 
     def start(self, first_query: str) -> str:
         return first_query
 
-    def prompt(self, state: str, feedback: str) -> str:
-        text = self.PROMPT.format(query=state, feedback=feedback)
+    def prompt(self, state: str, feedback: str, question: str = "") -> str:
+        if question:
+            text = self.ANSWER_PROMPT.format(query=state, question=question, feedback=feedback)
+        else:
+            text = self.PROMPT.format(query=state, feedback=feedback)
+        if self.chat_templater is not None:
+            return self.chat_templater.apply_chat_template(
+                [{"role": "user", "content": [{"type": "text", "text": text}]}], tokenize=False, add_generation_prompt=True)
         if getattr(self.tokenizer, "chat_template", None):
             return self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                                       add_generation_prompt=True)
         return text
 
-    def refine(self, state: str, feedback: str) -> tuple[str, int]:
+    def refine(self, state: str, feedback: str, question: str = "") -> tuple[str, int]:
         """The new query and 0 unparsed clauses (the LM reads all of the feedback); empty feedback keeps the query."""
+        states, missed = self.refine_batch([state], [feedback], [question])
+        return states[0], missed[0]
+
+    def refine_batch(self, states: Sequence[str], feedback: Sequence[str],
+                     questions: Sequence[str] | None = None) -> tuple[list[str], list[int]]:
+        """`refine` for many targets in one `generate` call; a target without feedback keeps its query."""
         import torch
 
         from core.device import autocast
         from core.vlm import needs_special_tokens
 
-        if not feedback.strip():
-            return state, 0
-        prompt = self.prompt(state, feedback)
-        ids = self.tokenizer(prompt, return_tensors="pt",
-                             add_special_tokens=needs_special_tokens(self.tokenizer, prompt)).to(self.device)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        with torch.no_grad(), autocast(self.device):
-            out = self.model.generate(**ids, max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=pad)
-        text = self.tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-        text = text.split("\n")[0].strip().strip('"').strip()
-        return (text or state), 0
+        questions = list(questions) if questions is not None else [""] * len(states)
+        out = list(states)
+        todo = [i for i, f in enumerate(feedback) if f.strip()]
+        if todo:
+            prompts = [self.prompt(states[i], feedback[i], questions[i]) for i in todo]
+            tok = self.tokenizer
+            tok.padding_side = "left"  # generation appends after the prompt
+            ids = tok(prompts, return_tensors="pt", padding=True,
+                      add_special_tokens=needs_special_tokens(tok, prompts[0])).to(self.device)
+            pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+            with torch.no_grad(), autocast(self.device):
+                gen = self.model.generate(**ids, max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=pad)
+            for i, text in zip(todo, tok.batch_decode(gen[:, ids["input_ids"].shape[1]:], skip_special_tokens=True)):
+                text = text.strip().split("\n")[0].strip().strip('"').strip()
+                out[i] = text or states[i]
+        return out, [0] * len(states)
 
 
 def state_text(state: Any) -> str:
     return state.text() if isinstance(state, QueryState) else str(state)
-
-
-def refine_all(refiner: Any, states: Sequence[Any], feedback: Sequence[str]) -> tuple[list[Any], list[int]]:
-    out = [refiner.refine(s, f) for s, f in zip(states, feedback)]
-    return [o[0] for o in out], [o[1] for o in out]

@@ -1,5 +1,5 @@
 """Every hub model the MIR stage loads gets its load dtype from core.device, as `dtype` (the keyword of
-transformers v5 and diffusers 0.42; bf16 for a GPU, fp32 on the CPU). The loaders are replaced by
+transformers v5 and diffusers from 0.40; bf16 for a GPU, fp32 on the CPU). The loaders are replaced by
 recorders, so no weights are read."""
 from __future__ import annotations
 
@@ -47,6 +47,7 @@ def test_hub_loads_pass_their_librarys_dtype_keyword(device, dtype, monkeypatch)
     monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", _recorder(calls["vlm"]))
     processor = types.SimpleNamespace(chat_template="{{ messages }}", tokenizer=types.SimpleNamespace(padding_side="right"))
     monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", lambda name, **kw: processor)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", lambda name, **kw: transformers.Qwen2VLConfig())
 
     DiffusersGenerator("org/tiny-sd", device=device)
     LLMRefiner("org/tiny-lm", tokenizer=object(), device=device)

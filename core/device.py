@@ -38,7 +38,7 @@ def weights_dtype(device: torch.device) -> torch.dtype:
 
 
 def pretrained_dtype_kwargs(device: torch.device) -> dict[str, torch.dtype]:
-    """The keyword that sets the load dtype of `from_pretrained` (`dtype` in transformers v5 and diffusers 0.42;
+    """The keyword that sets the load dtype of `from_pretrained` (`dtype` in transformers v5 and diffusers >= 0.40;
     both deprecate `torch_dtype`). Every hub model the project loads passes it, so none loads in a library's
     default."""
     return {"dtype": weights_dtype(device)}

@@ -122,9 +122,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
                    cfg.warmup_steps, cfg.warmup_ratio, sets[0].files[0])  # a bad budget fails before any work
     if mode == "live" and cfg.verify_images:
         for s in sets:
-            for split in (s.train, s.val):
+            for split, files in ((s.train, s.files), (s.val, s.val_files)):
                 verify_images(sorted({i for _, i in query_items(split, False) + passage_items(split) if i}),
-                              " / ".join(s.files), cfg)
+                              " / ".join(files), cfg)
 
     dist = init_distributed()
     encoder = load_dual_encoder(cfg.encoder)
@@ -196,8 +196,13 @@ class ContrastiveStep(nn.Module):
         self.cells, self.dist = cells, dist
 
     def forward(self, query, passage, labels: Sequence[Any]) -> torch.Tensor:
-        q = gather_with_grad(self.cells["query"].encode(query), self.dist)
-        p = gather_with_grad(self.cells["passage"].encode(passage), self.dist)
+        q, p = self.cells["query"].encode(query), self.cells["passage"].encode(passage)
+        # Both sides in one collective: with one all_gather per side, the gathered queries' gradients came back
+        # wrong under gloo once the passage→query loss read every rank's queries (measured: 2 ranks no longer
+        # trained like 1), while one gather of both sides gives the single-process gradients.
+        both = gather_with_grad(torch.cat([q.flatten(1), p.flatten(1)], 1), self.dist)
+        width = q[0].numel()
+        q, p = both[:, :width].reshape(-1, *q.shape[1:]), both[:, width:].reshape(-1, *p.shape[1:])
         share = shard_range(len(labels), self.dist)
         return contrastive_loss(q, p, labels, rows=slice(share.start, share.stop))
 

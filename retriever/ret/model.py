@@ -410,8 +410,11 @@ def maxsim(queries: torch.Tensor, passages: torch.Tensor) -> torch.Tensor:
 def contrastive_loss(query: torch.Tensor, passage: torch.Tensor, labels: Sequence[Any] | None = None,
                      rows: slice | None = None) -> torch.Tensor:
     """In-batch InfoNCE on MaxSim logits, both directions (the reference's `contrastive_loss` with
-    fine_grained=True, simmetric=True, no temperature): L = ½[CE(S, Y) + CE(Sᵀ, Yᵀ)], S = maxsim(q, p).
-    `labels` (the positive passage id of each row) turn duplicates in a batch into shared targets.
+    fine_grained=True, simmetric=True, no temperature): L = ½[CE(S_qp, Y) + CE(S_pq, Y)], where
+    S_qp[i, j] = maxsim(q_i, p_j) = Σ_a max_b <q_i,a, p_j,b> and S_pq[i, j] = maxsim(p_i, q_j) = Σ_b max_a <p_i,b, q_j,a>:
+    the passage→query logits score with the passage's tokens as the query side (the reference calls its fine-grained
+    logits with the passages first), which is not S_qpᵀ — MaxSim is not symmetric. Y[i, j] = 1 where rows i and j share
+    a positive (`labels`, the positive passage id of each row; duplicates share the target mass), normalised per row.
 
     Under torchrun `query` and `passage` are the whole global batch (gathered with gradients) and `rows` this rank's
     share of it: L is then averaged over those rows only — the rank's queries against every passage and its
@@ -422,15 +425,11 @@ def contrastive_loss(query: torch.Tensor, passage: torch.Tensor, labels: Sequenc
     else:
         ids = list(labels)
         target = torch.tensor([[float(a == b) for b in ids] for a in ids], device=query.device)
-    if rows is None or (rows.start or 0, rows.stop) == (0, n):
-        scores = maxsim(query, passage)
-        by_query, by_passage, rows = scores, scores.T, slice(0, n)
-    else:
-        by_query = maxsim(query[rows], passage)  # S[rows, :]
-        by_passage = maxsim(query, passage[rows]).T  # Sᵀ[rows, :]
-    target_q = target[rows] / target[rows].sum(1, keepdim=True)
-    target_p = target.T[rows] / target.T[rows].sum(1, keepdim=True)
-    return 0.5 * (F.cross_entropy(by_query, target_q) + F.cross_entropy(by_passage, target_p))
+    rows = slice(0, n) if rows is None else rows
+    by_query = maxsim(query[rows], passage)  # S_qp[rows, :]
+    by_passage = maxsim(passage[rows], query)  # S_pq[rows, :]
+    target = target[rows] / target[rows].sum(1, keepdim=True)  # Y is symmetric: one target for both directions
+    return 0.5 * (F.cross_entropy(by_query, target) + F.cross_entropy(by_passage, target))
 
 
 # ----------------------------------------------------------------------------------------------------------------

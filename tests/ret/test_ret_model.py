@@ -89,10 +89,10 @@ def test_maxsim_matches_brute_force():
 
 def test_contrastive_loss_by_hand():
     q = torch.nn.functional.normalize(torch.randn(4, 2, 8), dim=-1)
-    s = maxsim(q, q)
-    expected = 0.5 * (torch.nn.functional.cross_entropy(s, torch.arange(4)) +
-                      torch.nn.functional.cross_entropy(s.T, torch.arange(4)))
-    assert torch.allclose(contrastive_loss(q, q), expected)
+    p = torch.nn.functional.normalize(torch.randn(4, 3, 8), dim=-1)
+    expected = 0.5 * (torch.nn.functional.cross_entropy(maxsim(q, p), torch.arange(4)) +
+                      torch.nn.functional.cross_entropy(maxsim(p, q), torch.arange(4)))
+    assert torch.allclose(contrastive_loss(q, p), expected)
     # a duplicated positive id shares the target mass instead of becoming a negative
     dup = contrastive_loss(q, q, labels=[0, 0, 1, 2])
     assert torch.isfinite(dup)

@@ -1,7 +1,9 @@
 """The simulated user: it holds the target image (pixels only, never its scene) and speaks through a
 modification-text generator (`core.modtext`: (reference, target) → "what changes from the first image to
 the second") — `SimulatedUser` — or, for real runs, a chat VLM (`core.vlm`: Qwen2-VL, Gemma-3, LLaVA, ...) asked
-the same questions in words — `VLMUser`.
+the same questions in words — `VLMUser`. On Shapes, `scene_reader:<file>` makes the generator a pixel comparer
+(`core.shapes.scene_diff`): the scene reader reads both images and the user says in the world's grammar what differs,
+as a person looking at the two pictures would (it never reads `scenes.json`).
 
 - `compare(shown, targets)`: the feedback modes. The user looks at what the system shows (a generated
   image, or the top-ranked wrong image) and says how to change it into the target.
@@ -137,12 +139,31 @@ class VLMUser:
         return self.vlm.chat([[t] for t in targets], prompts, self.max_new_tokens, seed or 0)
 
 
+class ComparerSpeaker:
+    """A `core.shapes.scene_diff.PixelComparer` behind the generator interface `SimulatedUser` speaks through."""
+
+    def __init__(self, comparer: Any, source: str):
+        from core.io import file_digest
+
+        # by content: a retrained reader is another user, and a resumed MIR run must not mix the two
+        self.comparer, self.model_id = comparer, f"scene_reader:{file_digest(source)}"
+
+    def generate(self, before: Sequence[Image.Image], after: Sequence[Image.Image], **_: Any) -> list[str]:
+        return self.comparer.describe(before, after)  # deterministic: decoding settings and seed do not apply
+
+
 def load_user(spec: str, device: Any = None, max_new_tokens: int = 32, num_beams: int = 1) -> SimulatedUser | VLMUser:
     """`spec` is a trained modification-text generator folder (core.modtext), `instructblip:<name>` for a
-    pretrained InstructBLIP through the same interface, or `vlm:<name_or_path>` for a chat VLM (Qwen2-VL,
-    Gemma-3, LLaVA, ... through core.vlm; real runs)."""
+    pretrained InstructBLIP through the same interface, `scene_reader:<file>` for the Shapes pixel comparer, or
+    `vlm:<name_or_path>` for a chat VLM (Qwen2-VL, Gemma-3, LLaVA, ... through core.vlm; real runs)."""
     from core import modtext
 
+    if spec.startswith("scene_reader:"):
+        from core.shapes.scene_diff import PixelComparer
+        from core.shapes.scene_reader import load_reader
+
+        path = spec.split(":", 1)[1]
+        return SimulatedUser(ComparerSpeaker(PixelComparer(load_reader(path), device), path), max_new_tokens, num_beams)
     if spec.startswith("vlm:"):
         vlm = ChatVLM.from_pretrained(spec.split(":", 1)[1], device=device, max_new_tokens=max_new_tokens,
                                       num_beams=num_beams)

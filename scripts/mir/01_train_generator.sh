@@ -20,3 +20,7 @@ launch mir.train_generator --config configs/mir/generator_shapes.yaml \
   --dense_checkpoint "$RUN_DIR/dense/checkpoint-best" --output_dir "$RUN_DIR/mir/generator" \
   --steps "$STEPS" --batch_size "$BATCH_SIZE" --lr "$LR" --eval_images "$EVAL_IMAGES" --sample_steps "$SAMPLE_STEPS" \
   --seed "$SEED" --summary "$RUN_DIR/results.json" "$@"
+
+# The scene reader the pixel-reading user sees with (cached: the iterative CIR stage trains the same one).
+"$PYTHON" -m core.shapes.scene_reader --data_json "$DATA_DIR/dataset_shapes.json" \
+  --out "$RUN_DIR/scene_reader/scene_reader.pt" --seed "$SEED"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The MIR stage (GenIR), step by step. Needs the dense stage and the CIR stage's MTST generator ($RUN_DIR/cir/mtst).
+# The MIR stage (GenIR), step by step. Needs the dense stage (and, for USER_KIND=mtst, the CIR stage's MTST generator).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 for step in 01_train_generator 02_genir 03_prediction 04_text_only 05_image_query 06_report; do bash "scripts/mir/$step.sh"; done

@@ -19,6 +19,9 @@ def test_cumulative_hits_as_chatir_computes_them():
     assert mean_log_rank(np.array([[0], [np.e - 1]])) == [pytest.approx(0.5)]
     row = summarise(ranks)
     assert row["N"] == 4 and all(b >= a for a, b in zip(row["Hits@10"], row["Hits@10"][1:]))
+    low, high = row["Hits@10 last round 95% CI"]  # three of four found by the last round
+    assert 0 <= low < 75.0 < high <= 100.0
+    assert summarise(np.zeros((5, 2)))["Hits@10 last round 95% CI"] == [100.0, 100.0]
 
 
 def test_record_store_drops_partial_line_and_missing_round_is_error(tmp_path):

@@ -161,6 +161,7 @@ def init_from_codebook(model: GenerativeRetriever, vocab: CodeVocab, codebooks: 
     (they have no code vector). Returns the projection used."""
     spec, d_model = model.spec, model.t5.config.d_model
     levels, k = spec.levels, spec.codebook_size
+    assert tuple(codebooks.shape[:2]) == (1 if spec.shared_codebook else levels, k), "codebook does not fit the spec"
     proj = codebook_projection(codebooks.shape[-1], d_model, seed)
     mapped = codebooks.float().cpu() @ proj  # [books, K, d_model]
     per_level = mapped.expand(levels, k, d_model) if spec.shared_codebook else mapped

@@ -2,8 +2,12 @@
 
 - `seqid`   (stage 1): the T5 learns to generate the sequential identifier of the query's image;
 - `setid`   (stage 2): from the stage-1 model, the encoder and the set head learn the order-invariant identifier
-                       (decoder and token embeddings frozen, so the two stages can be merged);
-- `unified` (stage 3): from the merged model (retriever.generative.merge), both objectives jointly.
+                       (decoder, token embeddings and LM head frozen: its checkpoint is the stage-1 decoder with the
+                       stage-2 encoder and set head, what the original merges by hand between its stages 2 and 3);
+- `unified` (stage 3): from the stage-2 model, both objectives jointly.
+
+A new (stage-1) model takes its code-token embeddings and set head from the RQ-VAE codebook (`code_init`, read
+from the `rqvae` run folder) as the original ComGTIR-D does, or keeps T5's random init.
 
 Reads `data_dir/{train,val}.jsonl` (retriever.generative.prepare_dataset) and `codes.json`; writes
 `output_dir/checkpoint-last/` (resumable) and `output_dir/checkpoint-best/` (best validation recall: constrained

@@ -67,6 +67,10 @@ MUTATIONS: tuple[Mutation, ...] = (
                                                     "pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)",
                                                     "pooled = hidden.mean(1)"),),
              (M + "test_comgtir.py::test_set_scores_of_a_query_do_not_depend_on_the_padding_of_its_batch",)),
+    Mutation("set-head max pooling over padding", (Edit("retriever/generative/model.py",
+                                                        "return hidden.masked_fill(~keep, torch.finfo(hidden.dtype).min).amax(1)",
+                                                        "return hidden.amax(1)"),),
+             (M + "test_comgtir.py::test_set_scores_of_a_query_do_not_depend_on_the_padding_of_its_batch",)),
     Mutation("PTHA reverse branch not detached", (
         Edit("cir/losses.py", "proto_reverse.detach()", "proto_reverse"),
         Edit("cir/train.py", "gather_with_grad(rev_proto.detach(), dist)", "gather_with_grad(rev_proto, dist)")),

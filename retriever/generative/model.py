@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,9 @@ from retriever.generative.vocab import CodeVocab, load_tokenizer, save_tokenizer
 
 STAGE = "comgtir"
 SET_LOSSES = ("margin", "infonce")
+SET_POOLINGS = ("max", "mean")  # max: the original ComGTIR-D's; mean: a masked mean
+SET_HEADS = ("linear", "mlp")  # linear: the original's one layer d_model → set size; mlp: d_model → d_model → set size
+CODE_INITS = ("codebook", "random")  # code-token embeddings and set head from the RQ-VAE codebook, or T5's random init
 
 # A T5 small enough to train from scratch on the Shapes world on two CPU cores in a minute or two.
 SHAPES_T5: dict[str, Any] = {"d_model": 128, "d_kv": 32, "d_ff": 256, "num_layers": 2, "num_decoder_layers": 2,
@@ -32,26 +36,37 @@ SHAPES_T5: dict[str, Any] = {"d_model": 128, "d_kv": 32, "d_ff": 256, "num_layer
 
 @dataclass
 class RetrieverSpec:
-    """The identifier layout the model was built for (saved as retriever.json)."""
+    """The identifier layout the model was built for and the set head's form (saved as retriever.json; a folder
+    written before the set head had options holds no `set_pooling`/`set_head` and was a mean-pooled MLP)."""
     levels: int
     codebook_size: int
     suffix_size: int
     set_size: int
     shared_codebook: bool
+    set_pooling: str = "mean"
+    set_head: str = "mlp"
+
+    IDENTIFIER_FIELDS = ("levels", "codebook_size", "suffix_size", "set_size", "shared_codebook")
+
+    def __post_init__(self):
+        if self.set_pooling not in SET_POOLINGS:
+            raise InputError("config", "set_pooling", f"must be one of {SET_POOLINGS}, got {self.set_pooling!r}")
+        if self.set_head not in SET_HEADS:
+            raise InputError("config", "set_head", f"must be one of {SET_HEADS}, got {self.set_head!r}")
 
     @classmethod
-    def from_identifiers(cls, ids: Any) -> "RetrieverSpec":
-        return cls(ids.levels, ids.codebook_size, ids.suffix_size, ids.set_size, ids.shared)
+    def from_identifiers(cls, ids: Any, set_pooling: str = "mean", set_head: str = "mlp") -> "RetrieverSpec":
+        return cls(ids.levels, ids.codebook_size, ids.suffix_size, ids.set_size, ids.shared, set_pooling, set_head)
 
     def check_fits(self, ids: Any) -> None:
         """The identifiers of a codes.json must be the ones this model's vocabulary and set head were built for."""
         theirs = RetrieverSpec.from_identifiers(ids)
-        for f in dataclasses.fields(self):
-            mine, other = getattr(self, f.name), getattr(theirs, f.name)
-            if f.name == "suffix_size" and other <= mine:
+        for name in self.IDENTIFIER_FIELDS:
+            mine, other = getattr(self, name), getattr(theirs, name)
+            if name == "suffix_size" and other <= mine:
                 continue  # fewer disambiguation codes needed: still fits
             if mine != other:
-                raise InputError(ids.path, f.name, f"{other} does not fit the model's vocabulary (built for {mine})")
+                raise InputError(ids.path, name, f"{other} does not fit the model's vocabulary (built for {mine})")
 
 
 def build_t5(model: dict[str, Any], vocab_size: int, pad_id: int, eos_id: int) -> T5ForConditionalGeneration:
@@ -74,16 +89,17 @@ class GenerativeRetriever(nn.Module):
         super().__init__()
         self.t5, self.spec = t5, spec
         d = t5.config.d_model
-        self.set_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, spec.set_size))
+        # a Sequential either way, so the output layer is set_head[-1] and the parameter names stay the same
+        hidden_layers = [nn.Linear(d, d), nn.GELU()] if spec.set_head == "mlp" else []
+        self.set_head = nn.Sequential(*hidden_layers, nn.Linear(d, spec.set_size))
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.t5.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
     def set_logits(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Relevance of every set element (code) to the query: masked mean of encoder states → MLP."""
-        m = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
-        return self.set_head(pooled)
+        """Relevance of every set element (code) to the query: encoder states pooled over the query's own tokens
+        (spec.set_pooling) → the set head."""
+        return self.set_head(pool_states(hidden, attention_mask, self.spec.set_pooling))
 
     def seq_loss(self, hidden: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the identifier tokens given the query (teacher forcing)."""
@@ -104,6 +120,58 @@ class GenerativeRetriever(nn.Module):
         if self.spec.shared_codebook:
             return log_prob.unsqueeze(1).expand(n, levels, k)
         return log_prob.view(n, levels, k)
+
+
+def pool_states(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str) -> torch.Tensor:
+    """[B, T, d] → [B, d] over the unpadded positions only, so a query's set scores never depend on its batch.
+
+    "max" is the original ComGTIR-D's pooling (an element-wise max over positions); the original takes it over the
+    padding too, which makes a query's scores depend on how far it was padded; here padding never wins the max."""
+    if how == "max":
+        keep = attention_mask.unsqueeze(-1).bool()
+        return hidden.masked_fill(~keep, torch.finfo(hidden.dtype).min).amax(1)
+    m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+    return pooled
+
+
+def codebook_projection(dim: int, d_model: int, seed: int = 0) -> torch.Tensor:
+    """[dim, d_model]: how RQ-VAE code vectors become T5 token embeddings.
+
+    The original copies the codebook rows into the embedding table as they are, which needs dim = d_model; that
+    case is the identity here. Otherwise a fixed random semi-orthogonal map drawn from `seed`, not learned (the
+    embeddings it initialises are trained from there on): inner products and norms are kept exactly when
+    dim ≤ d_model, and norms in expectation (scaled by √(dim/d_model)) when the codebook is wider."""
+    if dim == d_model:
+        return torch.eye(dim)
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(max(dim, d_model), min(dim, d_model), generator=gen))  # orthonormal columns
+    proj = q if dim > d_model else q.T
+    return proj * math.sqrt(max(dim / d_model, 1.0))
+
+
+@torch.no_grad()
+def init_from_codebook(model: GenerativeRetriever, vocab: CodeVocab, codebooks: torch.Tensor,
+                       seed: int = 0) -> torch.Tensor:
+    """The original ComGTIR-D's initialisation: the embedding of code token (level l, code c) is codebook row
+    (l, c) mapped to d_model (codebook_projection), and the set head's output layer is those rows with a zero bias,
+    so a code's set score starts as the inner product of the pooled query with that code's embedding (the original
+    copies the LM head's code-token rows, which T5 ties to the embeddings). `codebooks` is the RQ-VAE's
+    [books, K, dim]: one book shared by every level, or one per level. The suffix tokens keep their random init
+    (they have no code vector). Returns the projection used."""
+    spec, d_model = model.spec, model.t5.config.d_model
+    levels, k = spec.levels, spec.codebook_size
+    assert tuple(codebooks.shape[:2]) == (1 if spec.shared_codebook else levels, k), "codebook does not fit the spec"
+    proj = codebook_projection(codebooks.shape[-1], d_model, seed)
+    mapped = codebooks.float().cpu() @ proj  # [books, K, d_model]
+    per_level = mapped.expand(levels, k, d_model) if spec.shared_codebook else mapped
+    embeddings = model.t5.get_input_embeddings().weight
+    embeddings[vocab.token_ids[:levels, :k].to(embeddings.device)] = per_level.to(embeddings)
+    out = model.set_head[-1]
+    # set element c of a shared book, or level·K + c of per-level books (rqvae.codes.set_identifier)
+    out.weight.copy_(mapped[0] if spec.shared_codebook else mapped.reshape(levels * k, d_model))
+    out.bias.zero_()
+    return proj
 
 
 def set_loss(set_logits: torch.Tensor, target_sets: torch.Tensor, imgids: torch.Tensor, kind: str = "margin",

@@ -2,8 +2,12 @@
 
 - `seqid`   (stage 1): the T5 learns to generate the sequential identifier of the query's image;
 - `setid`   (stage 2): from the stage-1 model, the encoder and the set head learn the order-invariant identifier
-                       (decoder and token embeddings frozen, so the two stages can be merged);
-- `unified` (stage 3): from the merged model (retriever.generative.merge), both objectives jointly.
+                       (decoder, token embeddings and LM head frozen: its checkpoint is the stage-1 decoder with the
+                       stage-2 encoder and set head, what the original merges by hand between its stages 2 and 3);
+- `unified` (stage 3): from the stage-2 model, both objectives jointly.
+
+A new (stage-1) model takes its code-token embeddings and set head from the RQ-VAE codebook (`code_init`, read
+from the `rqvae` run folder) as the original ComGTIR-D does, or keeps T5's random init.
 
 Reads `data_dir/{train,val}.jsonl` (retriever.generative.prepare_dataset) and `codes.json`; writes
 `output_dir/checkpoint-last/` (resumable) and `output_dir/checkpoint-best/` (best validation recall: constrained
@@ -34,10 +38,12 @@ from core.run_folder import CONFIG, open_run_folder
 from core.schedule import warmup_cosine
 from retriever.generative.decoding import (CorpusTrie, check_prior_mode, generate_rankings, multi_hot, set_index_lists,
                                            set_scores)
-from retriever.generative.model import (SET_LOSSES, SHAPES_T5, STAGE, GenerativeRetriever, RetrieverSpec, build_t5,
+from retriever.generative.model import (CODE_INITS, SET_HEADS, SET_LOSSES, SET_POOLINGS, SHAPES_T5, STAGE,
+                                        GenerativeRetriever, RetrieverSpec, build_t5, init_from_codebook,
                                         load_retriever, save_retriever_files, set_loss)
 from retriever.generative.vocab import CodeVocab, build_tokenizer
 from rqvae.codes import Identifiers
+from rqvae.train import load_rqvae
 
 STAGES = ("seqid", "setid", "unified")
 
@@ -56,6 +62,10 @@ class RetrieverTrainConfig:
     codes: str = "runs/shapes/comgtir/codes.json"
     output_dir: str = "runs/shapes/comgtir/stage1_seqid"
     init: str = ""  # checkpoint folder to start from ("" = a new model; stage 2 and 3 need one)
+    rqvae: str = "runs/shapes/comgtir/rqvae"  # the RQ-VAE run folder whose codebook code_init reads (its checkpoint-best)
+    code_init: str = "random"  # a new model's code-token embeddings and set head: codebook (the original's) or random
+    set_pooling: str = "mean"  # how the set head pools the encoder states: max (the original's) or mean; padding excluded
+    set_head: str = "mlp"  # linear (the original's one layer) or mlp (one hidden GELU layer)
     tokenizer: str = "word"  # "word": a WordLevel tokenizer trained on the training queries; else a pretrained name/folder
     model: dict = field(default_factory=lambda: dict(SHAPES_T5), metadata=nested_keys(t5_keys))  # T5 config, or {"pretrained": "t5-base"}
     epochs: int = 20
@@ -143,17 +153,52 @@ def validate(cfg: RetrieverTrainConfig, model: GenerativeRetriever, tokenizer: A
     return recall_from_rankings(ranked, [[p] for p in positives])
 
 
-def build_model(cfg: RetrieverTrainConfig, ids: Identifiers, train: QueryData) -> tuple[GenerativeRetriever, Any, CodeVocab]:
+def load_codebooks(rqvae: str | Path, ids: Identifiers) -> torch.Tensor:
+    """The RQ-VAE codebook [books, K, dim] of a run folder (its checkpoint-best) or a checkpoint folder, checked
+    against the identifiers the retriever's vocabulary is built from: K codes per level, one book per level (or one
+    shared book)."""
+    folder = Path(rqvae)
+    if not (folder / "rqvae.json").is_file() and (folder / BEST / "rqvae.json").is_file():
+        folder = folder / BEST
+    if not (folder / "rqvae.json").is_file():
+        raise InputError(folder, "rqvae", "no RQ-VAE checkpoint here (rqvae.json is missing): set --rqvae to the "
+                                          "tokenizer's run folder")
+    books = load_rqvae(folder).quantizer.codebooks.detach()
+    want = (1 if ids.shared else ids.levels, ids.codebook_size)
+    if tuple(books.shape[:2]) != want:
+        raise InputError(folder / "model.pt", "quantizer.codebooks",
+                         f"shape {list(books.shape)} does not fit the identifiers of {ids.path} ({ids.levels} levels × "
+                         f"{ids.codebook_size} codes, {'one shared book' if ids.shared else 'one book per level'}): "
+                         "expected [" + ", ".join(map(str, want)) + ", dim]")
+    return books
+
+
+def check_set_head_options(cfg: RetrieverTrainConfig) -> None:
+    for key, allowed in (("code_init", CODE_INITS), ("set_pooling", SET_POOLINGS), ("set_head", SET_HEADS)):
+        if getattr(cfg, key) not in allowed:
+            raise InputError("config", key, f"must be one of {allowed}, got {getattr(cfg, key)!r}")
+
+
+def build_model(cfg: RetrieverTrainConfig, ids: Identifiers, train: QueryData,
+                codebooks: torch.Tensor | None = None) -> tuple[GenerativeRetriever, Any, CodeVocab]:
     if cfg.init:
         model, tokenizer, vocab, _ = load_retriever(cfg.init)
         model.spec.check_fits(ids)
+        for key in ("set_pooling", "set_head"):  # a trained model keeps its set head: say so rather than ignore the key
+            if getattr(model.spec, key) != getattr(cfg, key):
+                raise InputError(Path(cfg.init) / "retriever.json", key,
+                                 f"the model was built with {getattr(model.spec, key)!r}, the config asks for "
+                                 f"{getattr(cfg, key)!r}")
         return model, tokenizer, vocab
     if cfg.stage != "seqid":
         raise InputError("config", "init", f"stage {cfg.stage} starts from a trained model: set --init")
     tokenizer = build_tokenizer(cfg.tokenizer, train.queries, ids.levels, ids.codebook_size, ids.suffix_size)
     vocab = CodeVocab(tokenizer, ids.levels, ids.codebook_size, ids.suffix_size, source=cfg.tokenizer)
     t5 = build_t5(cfg.model, len(tokenizer), vocab.pad_id, vocab.eos_id)
-    return GenerativeRetriever(t5, RetrieverSpec.from_identifiers(ids)), tokenizer, vocab
+    model = GenerativeRetriever(t5, RetrieverSpec.from_identifiers(ids, cfg.set_pooling, cfg.set_head))
+    if cfg.code_init == "codebook":
+        init_from_codebook(model, vocab, codebooks, seed=cfg.seed)
+    return model, tokenizer, vocab
 
 
 def trainable_parameters(model: GenerativeRetriever, stage: str) -> list[torch.nn.Parameter]:
@@ -197,8 +242,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
     if cfg.set_loss not in SET_LOSSES:
         raise InputError("config", "set_loss", f"must be one of {SET_LOSSES}, got {cfg.set_loss!r}")
     check_prior_mode(cfg.prior)
+    check_set_head_options(cfg)
     out = Path(cfg.output_dir)
     ids = Identifiers(cfg.codes)
+    # read before any work: only a new model is initialised, a stage started from a checkpoint keeps its weights
+    codebooks = load_codebooks(cfg.rqvae, ids) if cfg.code_init == "codebook" and not cfg.init else None
     train = QueryData(Path(cfg.data_dir) / "train.jsonl", ids)
     val = QueryData(Path(cfg.data_dir) / "val.jsonl", ids)
     start = open_run_folder(out, cfg, overwrite=cfg.overwrite)
@@ -214,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
                          f"{len(train)} training rows cannot be split over {dist.world_size} processes")
     seed_everything(cfg.seed)  # the same seed on every rank: the same new model (DDP also broadcasts it)
     device = dist.device
-    model, tokenizer, vocab = build_model(cfg, ids, train)
+    model, tokenizer, vocab = build_model(cfg, ids, train, codebooks)
     model.to(device)
     trie = split_corpus(ids, "val", vocab.token_ids.shape[1])
     params = trainable_parameters(model, cfg.stage)

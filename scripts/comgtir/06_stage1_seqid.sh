@@ -11,6 +11,6 @@ BATCH_SIZE=256
 LR=3e-3
 
 launch retriever.generative.train --config configs/comgtir/shapes/retriever.yaml --stage seqid \
-  --data_dir "$COMGTIR_DIR/data" --codes "$COMGTIR_DIR/codes.json" \
+  --data_dir "$COMGTIR_DIR/data" --codes "$COMGTIR_DIR/codes.json" --rqvae "$COMGTIR_DIR/rqvae" \
   --output_dir "$COMGTIR_DIR/stage1_seqid" --epochs "$EPOCHS" --batch_size "$BATCH_SIZE" --lr "$LR" \
   --seed "$SEED" "$@"

@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/common.sh
 for step in 01_prepare_emb 02_train_rqvae 03_generate_codes 04_generate_pseudo_query 05_prepare_retriever_dataset \
-            06_stage1_seqid 07_stage2_setid 08_stage3_unified_encoder 09_stage3_tir 10_test_tir 11_test_tir_dual \
+            06_stage1_seqid 07_stage2_setid 09_stage3_tir 10_test_tir 11_test_tir_dual \
             12_test_tir_clip_rerank 13_train_itm 14_test_tir_itm_rerank; do
   t=$(date +%s); bash "scripts/comgtir/$step.sh"; stage_time "comgtir/$step" "$t"
 done

@@ -35,12 +35,12 @@ def test_prefix_tables_match_a_python_trie():
     assert trie.rows_of(torch.tensor([[4, 4, 4, 3]])).tolist() == [-1]
 
 
-def tiny_model(levels=3, k=5, suffix=1, shared=False):
+def tiny_model(levels=3, k=5, suffix=1, shared=False, set_pooling="mean", set_head="mlp"):
     tok = build_tokenizer("word", ["a red circle", "a blue square"], levels, k, suffix)
     vocab = CodeVocab(tok, levels, k, suffix)
     torch.manual_seed(0)
     t5 = build_t5(TINY_T5, len(tok), vocab.pad_id, vocab.eos_id)
-    spec = RetrieverSpec(levels, k, suffix, k if shared else levels * k, shared)
+    spec = RetrieverSpec(levels, k, suffix, k if shared else levels * k, shared, set_pooling, set_head)
     return GenerativeRetriever(t5, spec).eval(), tok, vocab
 
 

@@ -1,10 +1,12 @@
-"""The retriever pipeline on the tiny world: pseudo queries → data → stage 1 (beats chance) → stage 2 → merge →
-stage 3 → test evaluation, all through the entry points; and a checkpoint of another stage is refused."""
+"""The retriever pipeline on the tiny world: pseudo queries → data → stage 1 (beats chance) → stage 2 (which leaves
+the decoder as stage 1 left it, so it needs no merge before stage 3) → stage 3 → test evaluation, all through the
+entry points; and a checkpoint of another stage is refused."""
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 
 from core.errors import InputError
 
@@ -13,7 +15,7 @@ T5 = '{"d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 2, "num_decoder_lay
 
 @pytest.fixture(scope="module")
 def pipeline(comgtir_data, codes_path, tmp_path_factory):
-    from retriever.generative import merge, train
+    from retriever.generative import train
 
     codes, _, _ = codes_path
     out = tmp_path_factory.mktemp("comgtir")
@@ -22,8 +24,7 @@ def pipeline(comgtir_data, codes_path, tmp_path_factory):
     s1 = train.main(["--stage", "seqid", "--output_dir", str(out / "s1"), "--model", T5, "--epochs", "5",
                      "--lr", "3e-3", "--warmup_steps", "20", *common])
     s2 = train.main(["--stage", "setid", "--init", str(s1), "--output_dir", str(out / "s2"), "--epochs", "1", *common])
-    merge.main(["--stage1", str(s1), "--stage2", str(s2), "--output", str(out / "merged")])
-    s3 = train.main(["--stage", "unified", "--init", str(out / "merged"), "--output_dir", str(out / "s3"),
+    s3 = train.main(["--stage", "unified", "--init", str(s2), "--output_dir", str(out / "s3"),
                      "--epochs", "1", "--lr", "1e-3", *common])
     return out, s1, s2, s3, codes
 
@@ -34,6 +35,21 @@ def test_stage1_beats_chance(pipeline):
     _, s1, _, _, _ = pipeline
     val = read_meta(s1, "comgtir")["val"]
     assert val["R@10"] > 2 * 100 * 10 / 60, val  # chance R@10 over 60 validation images is 16.7%
+
+
+def test_stage2_changes_only_the_encoder_and_the_set_head(pipeline):
+    """So the stage-2 checkpoint already is the original's merged model (its `unified_encoder` step): stage-1 decoder,
+    embeddings and LM head, stage-2 encoder and set head."""
+    from retriever.generative.model import load_retriever
+
+    _, s1, s2, _, _ = pipeline
+    first, second = load_retriever(s1)[0].state_dict(), load_retriever(s2)[0].state_dict()
+    assert first.keys() == second.keys()
+    changed = {name for name in first if not torch.equal(first[name], second[name])}
+    trained = ("t5.encoder.block.", "t5.encoder.final_layer_norm.", "set_head.")
+    assert changed and all(name.startswith(trained) for name in changed), sorted(changed)
+    assert any(name.startswith("set_head.") for name in changed) and any(name.startswith("t5.encoder.block.")
+                                                                        for name in changed)
 
 
 def test_dual_identifier_evaluation_returns_valid_gallery_ids(pipeline, dense_run):

@@ -1,6 +1,6 @@
 """ComGTIR-D's decoding mechanisms, each asserted so that it fails when the mechanism is switched off: the corpus
 constraint on the raw beams (before anything drops an invalid one), the set identifier's guidance steering the
-ranking, and the set head's masked mean pooling (padding never changes a query's set scores).
+ranking, and the set head's pooling, max or mean over the query's own tokens (padding never changes its set scores).
 
 A tiny random T5 over a random corpus is enough: the constraint and the guidance are properties of decoding, not of
 a trained model, and a random model is the hardest case for the constraint (it would leave the corpus at once)."""
@@ -77,8 +77,9 @@ def test_set_guidance_steers_the_ranking_to_the_set_identifier(shared):
     assert any(prior[q, row[g[0]]] > prior[q, row[p[0]]] + 1e-4 for q, (g, p) in enumerate(zip(guided, plain)))
 
 
-def test_set_scores_of_a_query_do_not_depend_on_the_padding_of_its_batch():
-    model, tok, _ = tiny_model()
+@pytest.mark.parametrize("pooling", ["mean", "max"])
+def test_set_scores_of_a_query_do_not_depend_on_the_padding_of_its_batch(pooling):
+    model, tok, _ = tiny_model(set_pooling=pooling)
     alone = tok(["circle"], return_tensors="pt")
     padded = tok(["circle", "a red circle a blue square a red circle"], padding=True, return_tensors="pt")
     assert padded["attention_mask"][0].sum() < padded["attention_mask"].shape[1]  # the short query is padded

@@ -25,6 +25,7 @@ Folders written before this, with the tower in `model.pt`, still load.
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -84,7 +85,10 @@ class ComposedRetriever(nn.Module):
             # makes their scale irrelevant to the forward pass, and at that scale an optimizer step would barely
             # move them, so they start like the query tokens.
             self.prompt_tokens = nn.Parameter(torch.randn(1, n_q, hidden) * 0.02)
-            self.temp = nn.Parameter(torch.tensor(OFFICIAL_TEMPERATURE))
+            # The released model learns the raw temperature at BLIP-2's learning rates (about 1e-5); at this
+            # project's (1e-3 and up) one Adam step would move a raw 0.07 by 1-4 %, so it is learnt as CLIP learns
+            # it, a log inverse temperature, where a step is a relative change of that size.
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / OFFICIAL_TEMPERATURE)))
         else:
             cfg2 = InstructBlipQFormerConfig(**{**q, "hidden_size": hidden}, vocab_size=len(tokenizer),
                                              pad_token_id=tokenizer.pad_token_id, encoder_hidden_size=hidden)
@@ -206,10 +210,10 @@ class ComposedRetriever(nn.Module):
         return max_over_tokens(query, target_tokens)
 
     def contrastive_temperature(self, fixed: float) -> torch.Tensor | float:
-        """The contrastive temperature: learnt ("official"; kept in [0.001, 0.5] as BLIP-2 keeps its own) or the
-        configured `fixed` one ("project")."""
+        """The contrastive temperature: learnt ("official", 1 / exp(logit_scale), kept in [0.001, 0.5] as BLIP-2
+        keeps its own) or the configured `fixed` one ("project")."""
         if self.variant == "official":
-            return self.temp.clamp(0.001, 0.5)
+            return 1.0 / self.logit_scale.clamp(math.log(2.0), math.log(1000.0)).exp()
         return fixed
 
     @property

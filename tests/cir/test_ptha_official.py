@@ -1,7 +1,7 @@
 """PTHA as released (`ptha_variant: official`), part by part: L_p2p sends no gradient into the reverse branch; hop two
 is the same Q-Former with no image cross-attention; the text-only branch reads no image; targets are scored by the
 max over their query tokens (brute force), in training and in evaluation; label smoothing and the learnt
-temperature; the variant travels with the folder; and a short run trains (the project variant still runs too)."""
+temperature; the variant travels with the folder; and a short official run trains."""
 from __future__ import annotations
 
 import dataclasses
@@ -177,8 +177,8 @@ def test_label_smoothing_and_learnt_temperature(train_split, random_bank):
     batch = train_split.triplets[:8]
     loss, _ = step_loss(model, batch, random_bank, None, TrainConfig(objective="q2t", temperature=0.5))
     loss.backward()
-    assert model.label_smoothing == 0.1 and model.temp.item() == pytest.approx(0.07)
-    assert model.temp.grad is not None and model.temp.grad.abs() > 0  # learnt, not the config's 0.5
+    assert model.label_smoothing == 0.1 and float(model.contrastive_temperature(0.5)) == pytest.approx(0.07)
+    assert model.logit_scale.grad is not None and model.logit_scale.grad.abs() > 0  # learnt, not the config's 0.5
 
 
 def test_the_folder_records_its_variant(train_split, random_bank, tmp_path):
@@ -190,7 +190,7 @@ def test_the_folder_records_its_variant(train_split, random_bank, tmp_path):
     with torch.no_grad():
         assert torch.allclose(model.eval().encode_queries_from_tokens(x, ["make it red"]),
                               again.encode_queries_from_tokens(x, ["make it red"]), atol=1e-6)
-        assert torch.allclose(model.temp, again.temp)
+        assert torch.allclose(model.logit_scale, again.logit_scale)
     # a folder from before the variant existed was trained as the project variant
     legacy = _retriever(_texts(train_split), "project")
     legacy.save_pretrained(tmp_path / "legacy")
@@ -204,26 +204,27 @@ def test_the_folder_records_its_variant(train_split, random_bank, tmp_path):
         _build(cfg, train_split, torch.device("cpu"))
 
 
-@pytest.mark.parametrize("variant", ["official", "project"])
-def test_a_short_ptha_run_trains(dense_checkpoint, train_split, tmp_path, variant):
-    """A few epochs of PTHA on the tiny world's 80 training triplets: the loss falls and the subset ranking of
-    those triplets clears chance (Rs@1 = 20 %) by a margin, for each variant (the official one is the default)."""
+def test_a_short_official_ptha_run_trains(dense_checkpoint, train_split, tmp_path):
+    """30 epochs (60 steps) of official PTHA on the tiny world's 80 training triplets: the loss of a fixed batch falls
+    and the subset ranking of those triplets clears chance (Rs@1 = 20 %) by a margin (measured: loss 10.5 → 8.9,
+    best Rs@1 41.2)."""
     from cir.features import token_bank
     from cir.retriever import build_shapes_retriever
     from tests.cir.test_cir_models import SMALL
 
     torch.manual_seed(0)
-    model = build_shapes_retriever(dense_checkpoint, _texts(train_split), {**SMALL, "ptha_variant": variant})
-    assert model.variant == variant
+    model = build_shapes_retriever(dense_checkpoint, _texts(train_split), SMALL)
+    assert model.variant == "official"  # the default
     bank = token_bank(model.image_encoder, train_split.images, tmp_path / "tokens")
     reverse = _reverse(train_split.triplets)
-    cfg = TrainConfig(output_dir=str(tmp_path / "run"), objective="ptha", ptha_variant=variant, epochs=12,
-                      batch_size=32, lr=3e-3, warmup_steps=5, temperature=0.1)
-    first, _ = step_loss(model, train_split.triplets[:32], bank, reverse, cfg)
+    cfg = TrainConfig(output_dir=str(tmp_path / "run"), objective="ptha", epochs=30, batch_size=32, lr=3e-3,
+                      warmup_steps=5)
+    batch = train_split.triplets[:32]
+    first, _ = step_loss(model, batch, bank, reverse, cfg)
     result = fit(model, train_split, bank, train_split, bank, reverse, cfg)
-    last, _ = step_loss(model.train(), train_split.triplets[:32], bank, reverse, cfg)
+    last, _ = step_loss(model.train(), batch, bank, reverse, cfg)
     best = ComposedRetriever.from_pretrained(tmp_path / "run" / "checkpoint-best", device=torch.device("cpu"))
     after = evaluate_model(best, train_split, bank)
-    assert result["ptha_variant"] == variant and best.variant == variant
-    assert last.item() < first.item() - 0.2, (first.item(), last.item())
+    assert result["ptha_variant"] == "official" and best.variant == "official"
+    assert last.item() < first.item() - 0.5, (first.item(), last.item())
     assert after["Rs@1"] > 35.0, after

@@ -53,20 +53,24 @@ class EvalConfig(LoaderOptions):
 
 @torch.no_grad()
 def score_split(model: ComposedRetriever, split: CIRSplit, bank: TokenBank, batch_size: int = 256) -> np.ndarray:
-    """scores[q, j]: cosine of query q (reference + text) with gallery image j, in `split.gallery` order. `bank` is a
-    token source (cir.features): a cache, or the tower run live on the loader's batches."""
+    """scores[q, j]: the model's similarity of query q (reference + text) with gallery image j, in `split.gallery`
+    order, by the rule it was trained with (`ComposedRetriever.similarity`: the max over the target's token
+    embeddings for the official variant, the cosine for the project one). `bank` is a token source
+    (cir.features): a cache, or the tower run live on the loader's batches."""
     model.eval()
     device = model.device
     gallery = split.gallery
     chunks = [gallery[i:i + batch_size] for i in range(0, len(gallery), batch_size)]
     with autocast(device):
-        targets = torch.cat([model.encode_targets_from_tokens(tokens.get(names, device)).float()
+        # [N, T, D]: one embedding per query token (official variant, scored by the max over them) or one (project)
+        targets = torch.cat([model.encode_target_tokens_from_tokens(tokens.get(names, device)).float()
                              for names, tokens in zip(chunks, bank.batches(chunks))])
         triplets = [split.triplets[i:i + batch_size] for i in range(0, len(split.triplets), batch_size)]
         refs = [[t.reference for t in chunk] for chunk in triplets]
-        queries = [model.encode_queries_from_tokens(tokens.get(names, device), [t.caption for t in chunk]).float()
-                   for chunk, names, tokens in zip(triplets, refs, bank.batches(refs))]
-    return (torch.cat(queries) @ targets.T).cpu().numpy()
+        scores = [model.similarity(model.encode_queries_from_tokens(tokens.get(names, device),
+                                                                    [t.caption for t in chunk]).float(), targets)
+                  for chunk, names, tokens in zip(triplets, refs, bank.batches(refs))]
+    return torch.cat(scores).cpu().numpy()
 
 
 def split_metrics(parts: Sequence[CIRSplit], scores: Sequence[np.ndarray]) -> dict[str, float]:

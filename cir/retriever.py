@@ -2,9 +2,19 @@
 
 Hop one fuses (reference image tokens, modification text) into prototype tokens; hop two fuses (prototype, text) into
 the query embedding. Targets go through hop one's Q-Former with its queries only (no text), as BLIP-2 encodes images.
+Two variants (`spec["ptha_variant"]`, recorded in `retriever.json`):
+
+- "official" (the default), as the authors' released model: hop two is the *same* Q-Former, run with hop one's tokens
+  as its query embeddings beside the text and no image cross-attention (every token self-attends and takes the text
+  feed-forward, as the released Q-Former does without image states); a target keeps one embedding per query token and
+  a query scores it by the max over those tokens; the temperature is learnt; a text-only branch (learnable prompt
+  tokens + the text, no image) serves L_t2t.
+- "project" (folders written before the variant existed load as this): hop two is a second, freshly initialised
+  Q-Former that cross-attends to hop one's tokens; a target is one mean-pooled embedding; fixed temperature.
 The image encoder is frozen (the dense tower on Shapes, the InstructBLIP/BLIP-2 ViT on real data), so training may run
-on cached image tokens: `encode_queries_from_tokens` / `encode_targets_from_tokens` are the functions both the loss
-and `encode_queries` / `encode_targets` (pixels in) call, so what is trained is what is searched with.
+on cached image tokens: `encode_queries_from_tokens` / `encode_target_tokens_from_tokens` + `similarity` are what
+the loss and `cir.evaluate` call, and `encode_queries` / `encode_targets` (pixels in) call the same functions, so what
+is trained is what is searched with.
 
 A retriever folder (`save_pretrained` / `from_pretrained`): `retriever.json`, `model.pt`, `meta.json` (stage "cir"),
 `tokenizer/`, `hop1/` (its config), `image_encoder/`. `model.pt` holds the trained parts only: the frozen image tower
@@ -15,6 +25,7 @@ Folders written before this, with the tower in `model.pt`, still load.
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cir.losses import max_over_tokens
 from core.errors import InputError
 from core.io import atomic_write_json, read_json
 from core.modtext import (ImageTokens, build_word_tokenizer, checkpoint_tensor, dense_image_tokens, hf_image_tokens,
@@ -31,6 +43,10 @@ TOWER = "image_encoder."  # the frozen tower's keys in the module's state dict: 
 
 STAGE = "cir"
 SPEC_FILE = "retriever.json"
+VARIANTS = ("official", "project")
+LEGACY_VARIANT = "project"  # what a retriever.json without "ptha_variant" was trained as
+OFFICIAL_TEMPERATURE = 0.07  # the released model's initial (learnt) temperature
+OFFICIAL_LABEL_SMOOTHING = 0.1  # the released model's L_q2t
 # Tiny Q-Formers for the Shapes world (the real config names a pretrained InstructBLIP Q-Former for hop one).
 SHAPES_RETRIEVER: dict[str, Any] = {
     "qformer": {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256,
@@ -51,21 +67,34 @@ class ComposedRetriever(nn.Module):
         from transformers import InstructBlipQFormerConfig, InstructBlipQFormerModel
 
         self.spec = copy.deepcopy(spec)
+        self.variant = self.spec.setdefault("ptha_variant", "official")
+        if self.variant not in VARIANTS:
+            raise InputError(SPEC_FILE, "ptha_variant", f"must be one of {VARIANTS}, got {self.variant!r}")
         self.image_encoder, self.tokenizer = image_encoder, tokenizer
         q = dict(spec["qformer"])
         cfg1 = InstructBlipQFormerConfig(**q, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                                          encoder_hidden_size=image_encoder.hidden_size)
         self.hop1 = hop1 if hop1 is not None else InstructBlipQFormerModel(cfg1)
         hidden = self.hop1.config.hidden_size
-        cfg2 = InstructBlipQFormerConfig(**{**q, "hidden_size": hidden}, vocab_size=len(tokenizer),
-                                         pad_token_id=tokenizer.pad_token_id, encoder_hidden_size=hidden)
-        self.hop2 = InstructBlipQFormerModel(cfg2)
         n_q, dim = int(spec["num_query_tokens"]), int(spec["embed_dim"])
         self.query_tokens1 = nn.Parameter(torch.randn(1, n_q, hidden) * 0.02)
-        self.query_tokens2 = nn.Parameter(torch.randn(1, n_q, hidden) * 0.02)
-        self.query_proj = nn.Linear(hidden, dim)
-        self.target_proj = nn.Linear(hidden, dim)
-        self.proto_proj = nn.Linear(hidden, dim)
+        self.query_proj = nn.Linear(hidden, dim)  # the released model's text_proj (composed and text-only features)
+        self.target_proj = nn.Linear(hidden, dim)  # ... and its vision_proj
+        if self.variant == "official":
+            # The released model draws its prompt tokens with std = hidden size; the Q-Former's embedding LayerNorm
+            # makes their scale irrelevant to the forward pass, and at that scale an optimizer step would barely
+            # move them, so they start like the query tokens.
+            self.prompt_tokens = nn.Parameter(torch.randn(1, n_q, hidden) * 0.02)
+            # The released model learns the raw temperature at BLIP-2's learning rates (about 1e-5); at this
+            # project's (1e-3 and up) one Adam step would move a raw 0.07 by 1-4 %, so it is learnt as CLIP learns
+            # it, a log inverse temperature, where a step is a relative change of that size.
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / OFFICIAL_TEMPERATURE)))
+        else:
+            cfg2 = InstructBlipQFormerConfig(**{**q, "hidden_size": hidden}, vocab_size=len(tokenizer),
+                                             pad_token_id=tokenizer.pad_token_id, encoder_hidden_size=hidden)
+            self.hop2 = InstructBlipQFormerModel(cfg2)
+            self.query_tokens2 = nn.Parameter(torch.randn(1, n_q, hidden) * 0.02)
+            self.proto_proj = nn.Linear(hidden, dim)
         self.register_state_dict_post_hook(_drop_tower)
         self.register_load_state_dict_pre_hook(_keep_tower)
 
@@ -103,21 +132,94 @@ class ComposedRetriever(nn.Module):
         """Hop one: (image, text) → prototype tokens [B, Q, H]."""
         return self._fuse(self.hop1, self.query_tokens1, ids, mask, image_tokens)
 
+    def _self_attend(self, prefix: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """hop1's Q-Former on (prefix tokens, text) with no image: every token self-attends, none cross-attends, and
+        all take the text feed-forward, as the released Q-Former runs when it is given no image states. Returns the
+        hidden states [B, P + L, H] (the prefix first)."""
+        from transformers.masking_utils import create_bidirectional_mask
+
+        b, n_p = ids.shape[0], prefix.shape[1]
+        embeddings = self.hop1.embeddings(input_ids=ids, query_embeds=prefix.expand(b, -1, -1))
+        full_mask = torch.cat([torch.ones(b, n_p, dtype=mask.dtype, device=mask.device), mask], dim=1)
+        attention = create_bidirectional_mask(config=self.hop1.config, inputs_embeds=embeddings,
+                                              attention_mask=full_mask)
+        return self.hop1.encoder(embeddings, attention_mask=attention, query_length=0).last_hidden_state
+
+    def second_hop(self, proto: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Hop two: (prototype tokens, text) → the query embedding [B, D] (L2-normalised), the mean over the
+        query positions' outputs. The released code averages those with the [CLS] output while training and reads
+        [CLS] alone when searching; the project's tokenizers add no [CLS], and one pooling serves both here."""
+        if self.variant == "official":
+            fused = self._self_attend(proto, ids, mask)[:, :proto.shape[1]]
+        else:
+            fused = self._fuse(self.hop2, self.query_tokens2, ids, mask, proto)
+        return F.normalize(self.query_proj(fused.mean(dim=1)), dim=-1)
+
     def encode_queries_with_prototype(self, image_tokens: torch.Tensor,
                                       texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(query embedding, prototype embedding), both [B, D] and L2-normalised; mean over query tokens."""
+        """(query embedding [B, D], L2-normalised, mean over query tokens; the prototype L_p2p aligns). The
+        prototype is hop one's tokens [B, Q, H] ("official": L_p2p compares their means) or their projected,
+        normalised mean [B, D] ("project")."""
         ids, mask = self.tokenize(texts)
         proto = self.prototype_tokens(image_tokens.to(self.device), ids, mask)
-        fused = self._fuse(self.hop2, self.query_tokens2, ids, mask, proto)  # hop two: (prototype, text) → query
-        query = F.normalize(self.query_proj(fused.mean(dim=1)), dim=-1)
+        query = self.second_hop(proto, ids, mask)
+        if self.variant == "official":
+            return query, proto
         return query, F.normalize(self.proto_proj(proto.mean(dim=1)), dim=-1)
+
+    def encode_reverse_prototype(self, image_tokens: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+        """The reverse branch's prototype (target image + reverse text), in `encode_queries_with_prototype`'s form.
+        The official branch runs hop one only: its prototype is all L_p2p reads."""
+        if self.variant != "official":
+            return self.encode_queries_with_prototype(image_tokens, texts)[1]
+        ids, mask = self.tokenize(texts)
+        return self.prototype_tokens(image_tokens.to(self.device), ids, mask)
+
+    def encode_text_only(self, texts: Sequence[str]) -> torch.Tensor:
+        """The official text-only branch (L_t2t): learnable prompt tokens + the modification text through hop1's
+        Q-Former, no image; [B, D] L2-normalised. The released model reads the [CLS] output, which attends to every
+        token; with no [CLS] in the project's tokenizers the first prompt token's output plays that role."""
+        if self.variant != "official":
+            raise ValueError("the text-only branch belongs to the official PTHA variant")
+        ids, mask = self.tokenize(texts)
+        hidden = self._self_attend(self.prompt_tokens, ids, mask)
+        return F.normalize(self.query_proj(hidden[:, 0]), dim=-1)
 
     def encode_queries_from_tokens(self, image_tokens: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
         return self.encode_queries_with_prototype(image_tokens, texts)[0]
 
-    def encode_targets_from_tokens(self, image_tokens: torch.Tensor) -> torch.Tensor:
+    def encode_target_tokens_from_tokens(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        """[B, T, D] L2-normalised target embeddings, what `similarity` scores: one per query token ("official",
+        T = num_query_tokens) or their mean-pooled one ("project", T = 1)."""
         feats = self._fuse(self.hop1, self.query_tokens1, None, None, image_tokens.to(self.device))
-        return F.normalize(self.target_proj(feats.mean(dim=1)), dim=-1)
+        if self.variant == "official":
+            return F.normalize(self.target_proj(feats), dim=-1)
+        return F.normalize(self.target_proj(feats.mean(dim=1)), dim=-1)[:, None]
+
+    def encode_targets_from_tokens(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        """[B, D] L2-normalised, one vector per image for single-vector search (the iterative loop's backbone
+        interface); for the official variant the normalised mean of the per-token embeddings, which is not how it
+        was trained to score: `encode_target_tokens_from_tokens` + `similarity` is."""
+        tokens = self.encode_target_tokens_from_tokens(image_tokens)
+        return tokens[:, 0] if tokens.shape[1] == 1 else F.normalize(tokens.mean(dim=1), dim=-1)
+
+    @staticmethod
+    def similarity(query: torch.Tensor, target_tokens: torch.Tensor) -> torch.Tensor:
+        """[B, M] scores of queries [B, D] against targets [M, T, D]: the max over each target's tokens (the inner
+        product when T = 1)."""
+        return max_over_tokens(query, target_tokens)
+
+    def contrastive_temperature(self, fixed: float) -> torch.Tensor | float:
+        """The contrastive temperature: learnt ("official", 1 / exp(logit_scale), kept in [0.001, 0.5] as BLIP-2
+        keeps its own) or the configured `fixed` one ("project")."""
+        if self.variant == "official":
+            return 1.0 / self.logit_scale.clamp(math.log(2.0), math.log(1000.0)).exp()
+        return fixed
+
+    @property
+    def label_smoothing(self) -> float:
+        """L_q2t's label smoothing: 0.1 in the released model, none in the project variant."""
+        return OFFICIAL_LABEL_SMOOTHING if self.variant == "official" else 0.0
 
     def encode_queries(self, ref_pixels: torch.Tensor, texts: list[str]) -> torch.Tensor:
         """[B, D] L2-normalised query embeddings from reference pixels and modification texts."""
@@ -154,6 +256,7 @@ class ComposedRetriever(nn.Module):
         device = device or get_device()
         read_meta(folder, STAGE)
         spec = read_json(folder / SPEC_FILE, required=["qformer", "num_query_tokens", "embed_dim"])
+        spec.setdefault("ptha_variant", LEGACY_VARIANT)
         hop1 = InstructBlipQFormerModel(InstructBlipQFormerConfig.from_pretrained(folder / "hop1"))
         model = cls(load_image_tokens(folder / "image_encoder", device),
                     AutoTokenizer.from_pretrained(folder / "tokenizer"), spec, hop1=hop1)

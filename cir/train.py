@@ -1,5 +1,8 @@
 """Train the composed retriever: pretraining on synthetic triplets (L_q2t) or fine-tuning on annotated triplets, with
-L_q2t alone or with PTHA (L_q2t + L_t2t + α·L_p2p, reverse texts from the MTST generator).
+L_q2t alone or with PTHA (L_q2t + L_t2t + α·L_p2p, reverse texts from the MTST generator). `ptha_variant` picks the
+released model's form ("official": text-only L_t2t, MSE L_p2p, hop two on the same Q-Former, max-over-tokens target
+scores with a learnt temperature) or the project's earlier one ("project"); the retriever records it, so fine-tuning
+and evaluation follow the folder they load.
 
 Each batch: the queries' own targets, then (with `subset_negatives`) every other member of each query's
 near-duplicate set as appended hard negatives (FashionIQ has no sets: nothing is appended); duplicate target images
@@ -26,8 +29,9 @@ from cir.data import (FASHIONIQ_CATEGORIES, CIRSplit, CIRTriplet, cache_key, cap
                       default_image_root, load_cir_split, merge_splits)
 from cir.evaluate import evaluate_model
 from cir.features import TokenBank, check_mode, token_source
-from cir.losses import gather_target_rows, prototype_alignment, ptha_loss, query_target_contrastive
-from cir.retriever import ComposedRetriever, build_shapes_retriever, load_pretrained_retriever, SHAPES_RETRIEVER
+from cir.losses import gather_target_rows, prototype_alignment, prototype_mse, ptha_loss, query_target_contrastive
+from cir.retriever import (VARIANTS, ComposedRetriever, build_shapes_retriever, load_pretrained_retriever,
+                           SHAPES_RETRIEVER)
 from core.checkpoint import BEST, LAST, BestTracker, resume, save_checkpoint
 from core.config import hf_config_keys, nested_keys, parse_config, save_config
 from core.data import LoaderOptions, epoch_batches, verify_images
@@ -75,10 +79,13 @@ class TrainConfig(LoaderOptions):
     # would be 12 GB)
     image_tokens: str = "cache"
     objective: str = "q2t"  # "q2t" (L_q2t) or "ptha" (L_q2t + L_t2t + α·L_p2p)
+    # "official" (the released model's PTHA, cir.retriever) or "project" (the earlier variant); a model read from
+    # `init_from` must have been built with the same one
+    ptha_variant: str = "official"
     w_q2t: float = 1.0
     w_t2t: float = 1.0
     alpha: float = 0.5  # weight of L_p2p (the paper's 0.5)
-    temperature: float = 0.07
+    temperature: float = 0.07  # fixed, "project" variant only (the official one learns its own from 0.07)
     subset_negatives: bool = True  # append each query's set members as hard negatives
     # the same for PTHA's reverse branch (L_t2t); off by default: a PTHA step then costs 1.7 q2t steps instead of 2.1
     reverse_subset_negatives: bool = False
@@ -108,6 +115,8 @@ def run(cfg: TrainConfig) -> dict:
     check_batch_divisible(cfg.batch_size, world_size_from_env())
     if cfg.objective not in OBJECTIVES:
         raise InputError("config", "objective", f"must be one of {OBJECTIVES}, got {cfg.objective!r}")
+    if cfg.ptha_variant not in VARIANTS:
+        raise InputError("config", "ptha_variant", f"must be one of {VARIANTS}, got {cfg.ptha_variant!r}")
     check_mode(cfg.image_tokens)
     out = Path(cfg.output_dir)
     start = open_run_folder(out, cfg, overwrite=cfg.overwrite)
@@ -141,8 +150,13 @@ def _load(cfg: TrainConfig, root: str, split: str, image_root: str) -> list[CIRS
 
 def _build(cfg: TrainConfig, train: CIRSplit, device: torch.device) -> ComposedRetriever:
     if cfg.init_from:
-        return ComposedRetriever.from_pretrained(cfg.init_from, device)
-    spec = {**SHAPES_RETRIEVER, **cfg.model}
+        model = ComposedRetriever.from_pretrained(cfg.init_from, device)
+        if model.variant != cfg.ptha_variant:
+            raise InputError(Path(cfg.init_from) / "retriever.json", "ptha_variant",
+                             f"the retriever was built as {model.variant!r}, the config asks for "
+                             f"{cfg.ptha_variant!r}: pretrain with the same ptha_variant")
+        return model
+    spec = {**SHAPES_RETRIEVER, **cfg.model, "ptha_variant": cfg.ptha_variant}
     if cfg.pretrained:
         return load_pretrained_retriever(cfg.pretrained, spec, device)
     texts = [t.caption for t in train.triplets]
@@ -183,12 +197,14 @@ def batch_targets(batch: Sequence[CIRTriplet], forward: bool, subset_negatives: 
     return own, own + extra
 
 
-def step_images(share: Sequence[CIRTriplet], reverse: bool, cfg: TrainConfig) -> list[str]:
-    """Every image whose tokens `step_loss` reads for this rank's share of a batch (what a live source encodes)."""
+def step_images(share: Sequence[CIRTriplet], reverse: bool, cfg: TrainConfig, variant: str = "official") -> list[str]:
+    """Every image whose tokens `step_loss` reads for this rank's share of a batch (what a live source encodes), for
+    a model of `variant`."""
     names = [t.reference for t in share] + batch_targets(share, True, cfg.subset_negatives)[1]
     if reverse:
-        names += [t.target for t in share] + batch_targets(share, False,
-                                                           cfg.subset_negatives and cfg.reverse_subset_negatives)[1]
+        names += [t.target for t in share]
+        if variant == "project":  # its reverse branch is scored against the references
+            names += batch_targets(share, False, cfg.subset_negatives and cfg.reverse_subset_negatives)[1]
     return names
 
 
@@ -199,7 +215,7 @@ def _targets(model: ComposedRetriever, batch: Sequence[CIRTriplet], bank: TokenB
     _, names = batch_targets(batch, forward, subset_negatives)
     share = rank_share(batch, dist)
     own, mine = batch_targets(share, forward, subset_negatives)
-    emb = model.encode_targets_from_tokens(bank.get(mine, model.device))
+    emb = model.encode_target_tokens_from_tokens(bank.get(mine, model.device))
     if not dist.enabled:
         return emb, names
     shares = [batch[r * len(batch) // dist.world_size:(r + 1) * len(batch) // dist.world_size]
@@ -211,7 +227,8 @@ def _targets(model: ComposedRetriever, batch: Sequence[CIRTriplet], bank: TokenB
 
 def step_loss(model: ComposedRetriever, batch: Sequence[CIRTriplet], bank: TokenBank, reverse: dict | None,
               cfg: TrainConfig, dist: DistInfo | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Eq. of the PTHA paper: L = w_q2t·L_q2t + w_t2t·L_t2t + α·L_p2p (or L_q2t alone for the "q2t" objective).
+    """PTHA paper, total fine-tuning loss: L = w_q2t·L_q2t + w_t2t·L_t2t + α·L_p2p (or L_q2t alone for the "q2t"
+    objective), in the model's variant (`ptha_variant`).
 
     `batch` is the global batch. This rank's queries are its share (rows `offset`..), scored against every rank's
     targets; the loss is the mean over its rows (DDP's average over ranks makes it the global mean)."""
@@ -219,18 +236,31 @@ def step_loss(model: ComposedRetriever, batch: Sequence[CIRTriplet], bank: Token
     dev = model.device
     share = rank_share(batch, dist)
     offset = dist.rank * len(batch) // dist.world_size if dist.enabled else 0
-    ref_tok = bank.get([t.reference for t in share], dev)
-    query, proto = model.encode_queries_with_prototype(ref_tok, [t.caption for t in share])
+    captions = [t.caption for t in share]
+    query, proto = model.encode_queries_with_prototype(bank.get([t.reference for t in share], dev), captions)
     targets, fwd_ids = _targets(model, batch, bank, True, cfg.subset_negatives, dist)
-    l_q2t = query_target_contrastive(query, targets, cfg.temperature, target_ids=fwd_ids, row_offset=offset)
+    temperature = model.contrastive_temperature(cfg.temperature)
+    l_q2t = query_target_contrastive(query, targets, temperature, target_ids=fwd_ids, row_offset=offset,
+                                     label_smoothing=model.label_smoothing)
     if reverse is None:
         return l_q2t, {"q2t": l_q2t.item()}
     tgt_tok = bank.get([t.target for t in share], dev)
-    rev_query, rev_proto = model.encode_queries_with_prototype(tgt_tok, [reverse[t.pairid] for t in share])
-    refs, rev_ids = _targets(model, batch, bank, False, cfg.subset_negatives and cfg.reverse_subset_negatives, dist)
-    l_t2t = query_target_contrastive(rev_query, refs, cfg.temperature, target_ids=rev_ids, row_offset=offset)
-    # the reverse prototypes are a fixed anchor (detached): gathered without gradients
-    l_p2p = prototype_alignment(proto, gather_with_grad(rev_proto.detach(), dist), cfg.temperature, row_offset=offset)
+    reverse_texts = [reverse[t.pairid] for t in share]
+    if model.variant == "official":
+        # L_t2t: the text-only branch (prompt tokens + modification text, no image) against the same targets,
+        # without label smoothing, as released
+        l_t2t = query_target_contrastive(model.encode_text_only(captions), targets, temperature, target_ids=fwd_ids,
+                                         row_offset=offset)
+        # L_p2p: MSE of the mean first-hop tokens, the reverse branch (target + reverse text) detached
+        l_p2p = prototype_mse(proto, model.encode_reverse_prototype(tgt_tok, reverse_texts))
+    else:
+        rev_query, rev_proto = model.encode_queries_with_prototype(tgt_tok, reverse_texts)
+        refs, rev_ids = _targets(model, batch, bank, False, cfg.subset_negatives and cfg.reverse_subset_negatives,
+                                 dist)
+        l_t2t = query_target_contrastive(rev_query, refs, cfg.temperature, target_ids=rev_ids, row_offset=offset)
+        # the reverse prototypes are a fixed anchor (detached): gathered without gradients
+        l_p2p = prototype_alignment(proto, gather_with_grad(rev_proto.detach(), dist), cfg.temperature,
+                                    row_offset=offset)
     loss = ptha_loss(l_q2t, l_t2t, l_p2p, cfg.w_q2t, cfg.w_t2t, cfg.alpha)
     return loss, {"q2t": l_q2t.item(), "t2t": l_t2t.item(), "p2p": l_p2p.item()}
 
@@ -253,7 +283,7 @@ def _wrap(model: ComposedRetriever, reverse: dict | None, cfg: TrainConfig, dist
         frozen = [f"model.image_encoder.{n}" for n, _ in model.image_encoder.named_parameters()]
         frozen += [f"model.image_encoder.{n}" for n, _ in model.image_encoder.named_buffers()]
         torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, frozen)
-    # L_q2t alone never reaches the prototype projection
+    # L_q2t alone never reaches the prototype projection (project) or the prompt tokens (official)
     return wrap_model(module, dist, find_unused_parameters=cfg.objective != "ptha")
 
 
@@ -291,7 +321,7 @@ def fit(model: ComposedRetriever, train: CIRSplit, bank: TokenBank, val: CIRSpli
         epoch, offset = divmod(step, per_epoch)
         loss_module.train()
         batches = [[triplets[i] for i in idx] for idx in epoch_batches(len(triplets), bs, cfg.seed, epoch)[offset:]]
-        images = [step_images(rank_share(b, dist), reverse is not None, cfg) for b in batches]
+        images = [step_images(rank_share(b, dist), reverse is not None, cfg, model.variant) for b in batches]
         for batch, tokens in zip(batches, bank.batches(images)):
             with autocast(dist.device):
                 loss, parts = loss_module(batch, tokens)
@@ -315,7 +345,8 @@ def fit(model: ComposedRetriever, train: CIRSplit, bank: TokenBank, val: CIRSpli
     if dist.is_main:
         if not best_metrics:  # resumed after the last epoch finished: read what the best checkpoint recorded
             best_metrics = read_json(out / BEST / "meta.json").get("val", {})
-        result = {"val": best_metrics, "objective": cfg.objective, "alpha": cfg.alpha, "n_train": len(triplets),
+        result = {"val": best_metrics, "objective": cfg.objective, "ptha_variant": model.variant, "alpha": cfg.alpha,
+                  "n_train": len(triplets),
                   "steps": total}
         write_metrics(out, result)
         shown = ", ".join(f"{k} {best_metrics[k]:.2f}" for k in ("R@1", "Rs@1", "mean/R@10", "mean/R@50")

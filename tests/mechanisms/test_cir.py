@@ -1,6 +1,7 @@
 """Composed retrieval's mechanisms on the tiny world's CIRR-layout split, each asserted so that it fails when the
 mechanism is switched off: the reference image is never ranked (R@K over the split), subset recall ranks only the
-query's `img_set` members, and PTHA's reverse branch is a fixed anchor for L_p2p (no gradient reaches it)."""
+query's `img_set` members, and PTHA's reverse branch is a fixed anchor for L_p2p (no gradient reaches it), in both
+variants."""
 from __future__ import annotations
 
 import numpy as np
@@ -61,38 +62,63 @@ def test_subset_recall_ranks_only_the_subset_members(test_split):
     assert metrics["Rs@1"] == 100.0 and metrics["R@1"] == 0.0
 
 
-def _tiny_retriever(texts) -> ComposedRetriever:
+def _tiny_retriever(texts, variant: str = "official") -> ComposedRetriever:
     torch.manual_seed(0)
     encoder = build_dual_encoder(TINY_ENCODER)  # untrained: the gradient paths do not depend on training
     width = int(encoder.clip.visual.ln_post.normalized_shape[0])
     spec = {**SHAPES_RETRIEVER, "qformer": {**SHAPES_RETRIEVER["qformer"], "hidden_size": 32, "num_hidden_layers": 1,
                                             "num_attention_heads": 2, "intermediate_size": 64},
-            "num_query_tokens": 4, "embed_dim": 16, "kind": "shapes"}
+            "num_query_tokens": 4, "embed_dim": 16, "kind": "shapes", "ptha_variant": variant}
     return ComposedRetriever(ImageTokens("dense", encoder, encoder.preprocess, width, {}), build_word_tokenizer(texts),
                              spec)
 
 
-def test_no_gradient_reaches_the_reverse_branch_through_the_prototype_loss(shapes_world, monkeypatch):
+def _ptha_step(shapes_world, variant: str):
+    """(model, batch, token bank, reverse texts) for one PTHA step on random frozen tokens."""
     train = load_cirr(shapes_world / "cirr", "train")
     batch = train.triplets[:8]
     reverse = {t.pairid: f"undo this: {t.caption}" for t in batch}
-    model = _tiny_retriever([t.caption for t in train.triplets] + ["undo this:"])
+    model = _tiny_retriever([t.caption for t in train.triplets] + ["undo this:"], variant)
     names = train.gallery
     tokens = np.random.default_rng(0).standard_normal((len(names), 5, model.image_encoder.hidden_size))
-    bank = TokenBank(names, [tokens.astype(np.float16)])
-    encoded = []  # (query, prototype) of the forward call, then of the reverse call
-    real = model.encode_queries_with_prototype
+    return model, batch, TokenBank(names, [tokens.astype(np.float16)]), reverse
 
-    def spy(image_tokens, texts):
-        query, proto = real(image_tokens, texts)
-        query.retain_grad()
-        proto.retain_grad()
-        encoded.append((query, proto))
-        return query, proto
 
-    monkeypatch.setattr(model, "encode_queries_with_prototype", spy)
-    cfg = TrainConfig(objective="ptha", alpha=0.5)
-    loss, parts = step_loss(model, batch, bank, reverse, cfg)
+def _spy(model, name: str, pick, monkeypatch) -> list:
+    """Wraps model.<name> so that the tensors `pick` selects from its output keep their gradients; returns them."""
+    seen: list = []
+    real = getattr(model, name)
+
+    def spy(*args):
+        out = real(*args)
+        for tensor in pick(out):
+            tensor.retain_grad()
+        seen.append(pick(out))
+        return out
+
+    monkeypatch.setattr(model, name, spy)
+    return seen
+
+
+def test_no_gradient_reaches_the_reverse_branch_through_the_prototype_loss(shapes_world, monkeypatch):
+    """The official variant (the default): the reverse branch (target + reverse text, hop one) feeds L_p2p only, as a
+    detached anchor, so nothing flows back into it."""
+    model, batch, bank, reverse = _ptha_step(shapes_world, "official")
+    forward = _spy(model, "encode_queries_with_prototype", lambda out: out, monkeypatch)
+    backward = _spy(model, "encode_reverse_prototype", lambda out: (out,), monkeypatch)
+    loss, parts = step_loss(model, batch, bank, reverse, TrainConfig(objective="ptha", alpha=0.5))
+    loss.backward()
+    ((fwd_query, fwd_proto),), ((rev_proto,),) = forward, backward
+    assert parts["p2p"] > 0 and fwd_proto.grad is not None and fwd_proto.grad.abs().sum() > 0  # L_p2p is live
+    assert fwd_query.grad is not None and fwd_query.grad.abs().sum() > 0
+    assert rev_proto.requires_grad and rev_proto.grad is None, "L_p2p sent a gradient into the reverse branch"
+
+
+def test_no_gradient_reaches_the_project_variants_reverse_prototype(shapes_world, monkeypatch):
+    """The project variant: the reverse branch trains through its own L_t2t, but its prototype is a fixed anchor."""
+    model, batch, bank, reverse = _ptha_step(shapes_world, "project")
+    encoded = _spy(model, "encode_queries_with_prototype", lambda out: out, monkeypatch)
+    loss, parts = step_loss(model, batch, bank, reverse, TrainConfig(objective="ptha", ptha_variant="project"))
     loss.backward()
     (fwd_query, fwd_proto), (rev_query, rev_proto) = encoded
     assert parts["p2p"] > 0 and fwd_proto.grad is not None and fwd_proto.grad.abs().sum() > 0  # L_p2p is live

@@ -27,8 +27,10 @@ SMALL = {"qformer": {"hidden_size": 64, "num_hidden_layers": 1, "num_attention_h
 # Float sums run in another order on two ranks. Adam's normalised step turns that noise into steps where the true
 # gradient is zero or nearly (an attention key bias has none) and copies it into a few weights elsewhere, so the runs
 # are compared as training runs: the difference of their updates is a small part of the update (all weights as one
-# vector). A lost all-gather or a per-rank mean fails that by far (28 % of the update).
-MAX_RELATIVE = 5e-3
+# vector). A lost all-gather or a per-rank mean fails that by far (28 % of the update). The released PTHA form sends
+# hop two's tokens through hop one's text feed-forward, whose weights get gradients near zero in three steps: there
+# the two runs measured 0.9 % apart, all of it in 1.3 % of the weights, each off by at most one Adam step (lr).
+MAX_RELATIVE = 1.5e-2
 
 
 @contextlib.contextmanager

@@ -16,7 +16,6 @@ EXPECTED = {
     "cir": (["no-pretrain", "pretrain", "pretrain+ptha", "ptha-alpha0", "ptha-alpha1", "zero-shot"],
             ["R@1", "R@5", "R@10", "R@50", "Rs@1", "Rs@2", "Rs@3", "Avg"]),
     "cir-iterative": (["round0", "round1", "round2", "round3"], ["R@1", "R@5", "R@10", "R@50", "Rs@1", "Avg"]),
-    "cir-iterative-mtst": (["round0", "round1", "round2", "round3"], ["R@1", "R@5", "R@10", "R@50", "Rs@1", "Avg"]),
     "mir": (["genir", "prediction", "text-only"], ["Hits@10"]),
     "ret": (["ret", "text-only", "image-only", "single-layer"], ["R@1", "R@5", "R@10"]),
 }

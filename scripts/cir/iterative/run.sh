@@ -3,6 +3,8 @@
 # then the MTST generator); needs the CIR stage (scripts/cir/run.sh) first.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
-for foundation in scene_reader mtst; do
+source scripts/common.sh
+# FAST=1 (a check that every step runs) trains with the scene-reader stand-in only
+for foundation in $(fast_or "scene_reader" "scene_reader mtst"); do
   for step in 01_train 02_evaluate; do FOUNDATION=$foundation bash "scripts/cir/iterative/$step.sh"; done
 done

@@ -88,3 +88,11 @@ def save_tiny_blip_retrieval(folder: Path, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_blip_retrieval(tmp_path_factory) -> Path:
     return save_tiny_blip_retrieval(tmp_path_factory.mktemp("mir") / "blip")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_pipeline(tmp_path_factory) -> Path:
+    """A tiny random Stable Diffusion pipeline saved to disk (diffusers' real classes), shared by the MIR tests."""
+    from tests.tiny_models import save_tiny_sd_pipeline
+
+    return save_tiny_sd_pipeline(tmp_path_factory.mktemp("mir_sd") / "tiny-sd")

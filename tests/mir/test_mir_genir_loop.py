@@ -14,7 +14,7 @@ from PIL import Image
 
 from core.errors import InputError
 from mir.records import RecordStore
-from tests.tiny_models import save_tiny_causal_lm, save_tiny_gemma3, save_tiny_qwen2vl, save_tiny_sd_pipeline
+from tests.tiny_models import save_tiny_causal_lm, save_tiny_gemma3, save_tiny_qwen2vl
 
 
 @pytest.fixture(scope="module")
@@ -22,9 +22,9 @@ def tiny_gemma(tmp_path_factory) -> Path:
     return save_tiny_gemma3(tmp_path_factory.mktemp("genir_vlm") / "tiny-gemma3")
 
 
-@pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory) -> Path:
-    return save_tiny_sd_pipeline(tmp_path_factory.mktemp("genir_sd") / "tiny-sd")
+@pytest.fixture
+def tiny_sd(tiny_sd_pipeline) -> Path:
+    return tiny_sd_pipeline
 
 
 @pytest.fixture

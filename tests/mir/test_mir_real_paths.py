@@ -15,8 +15,7 @@ from core.vlm import ChatVLM, needs_special_tokens, side_by_side
 from mir.generator import DiffusersGenerator, load_generator
 from mir.refiner import LLMRefiner
 from mir.user import VLMUser, load_user
-from tests.tiny_models import (save_tiny_causal_lm, save_tiny_gemma3, save_tiny_llava, save_tiny_qwen2vl,
-                                   save_tiny_sd_pipeline)
+from tests.tiny_models import save_tiny_causal_lm, save_tiny_gemma3, save_tiny_llava, save_tiny_qwen2vl
 
 RED, BLUE = Image.new("RGB", (64, 64), (220, 30, 30)), Image.new("RGB", (48, 64), (30, 30, 220))
 
@@ -26,9 +25,9 @@ def tiny_vlm(tmp_path_factory) -> Path:
     return save_tiny_qwen2vl(tmp_path_factory.mktemp("mir_vlm") / "tiny-qwen2-vl")
 
 
-@pytest.fixture(scope="module")
-def tiny_pipeline(tmp_path_factory) -> Path:
-    return save_tiny_sd_pipeline(tmp_path_factory.mktemp("mir_sd") / "tiny-sd")
+@pytest.fixture
+def tiny_pipeline(tiny_sd_pipeline) -> Path:
+    return tiny_sd_pipeline
 
 
 @pytest.fixture(scope="module")

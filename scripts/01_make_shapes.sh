@@ -4,9 +4,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh
 
-N_TRAIN=$(fast_or 600 5000)
-N_VAL=$(fast_or 100 500)
-N_TEST=$(fast_or 200 1000)
+N_TRAIN=$(fast_or 400 5000)
+N_VAL=$(fast_or 60 500)
+N_TEST=$(fast_or 120 1000)
 IMAGE_SIZE=64
 
 "$PYTHON" -m tools.make_shapes --out_dir "$DATA_DIR" --seed "$SEED" \

@@ -28,12 +28,16 @@ DATASETS = ("cirr", "fashioniq")
 
 @dataclass(frozen=True)
 class CIRTriplet:
-    """One query: reference image + modification text → target (None where the benchmark hides it)."""
+    """One query: reference image + modification text → target (None where the benchmark hides it). The one triplet
+    type of composed retrieval: the CIR stage reads annotated and synthetic ones, the iterative loop adds the extra
+    negatives its loss appends and where a generated triplet came from."""
     pairid: int | str
     reference: str
     caption: str
     target: str | None
     members: tuple[str, ...] = ()  # CIRR's subset of near-duplicates (reference included); empty for FashionIQ
+    negatives: tuple[str, ...] = ()  # images the iterative loop's loss appends as extra negatives
+    source: str = "original"  # "original", or "round N" for a triplet the iterative loop generated
     set_id: int | str | None = None
 
 
@@ -138,7 +142,7 @@ def _cirr_triplet(path: Path, split_path: Path, i: int, row: Any, images: dict[s
     if row["reference"] not in members or len(set(members) - {row["reference"]}) == 0:
         raise InputError(path, f"[{i}].img_set.members", "the subset must hold the reference and other candidates")
     return CIRTriplet(row["pairid"], row["reference"], row["caption"], target, tuple(members),
-                      row["img_set"].get("id"))
+                      set_id=row["img_set"].get("id"))
 
 
 def load_cirr_sets(root: str | Path, split: str) -> list[tuple[str, ...]]:

@@ -1,5 +1,5 @@
-"""Triplets and image corpora of the iterative loop. Original triplets come from the CIRR-layout files the CIR
-stage writes (read through its loader); augmented ones from `augmented_samples_iter_N.json`.
+"""Triplets (the CIR stage's `CIRTriplet`) and image corpora of the iterative loop. Original triplets come from the
+CIRR-layout files the CIR stage writes (read through its loader); augmented ones from `augmented_samples_iter_N.json`.
 
 A corpus names the images of some splits. The embedding model prepares an `ImageSource` of them once per run:
 a float16 token cache on disk (`{cache_dir}/{name}-tokens*.npy`, core.io's EmbeddingWriter format, with what made
@@ -14,7 +14,7 @@ import re
 import shutil
 import tempfile
 import weakref
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cir.data import CIRTriplet as Triplet  # the one triplet type, re-exported for the loop's modules
 from core.data import LoaderOptions, make_loader, open_image
 from core.device import autocast
 from core.distributed import DistInfo, barrier, broadcast_object, shard_range
@@ -33,17 +34,6 @@ if TYPE_CHECKING:
 
 SINGLE = DistInfo()  # one process, no torchrun
 
-
-@dataclass(frozen=True)
-class Triplet:
-    """(reference, modification text) → target. `negatives`: images the loss appends as extra negatives."""
-    pairid: str
-    reference: str
-    caption: str
-    target: str | None  # None where the split hides it (CIRR test1)
-    members: tuple[str, ...] = ()
-    negatives: tuple[str, ...] = ()
-    source: str = "original"   # "original" or "round N" for generated ones
 
 
 class ImageSource(torch.utils.data.Dataset):
@@ -264,7 +254,7 @@ def load_split(data_dir: str | Path, image_root: str | Path | None, split: str,
     from cir.data import load_cirr
 
     loaded = load_cirr(data_dir, split, image_root or None, require_targets=require_targets)
-    triplets = [Triplet(str(t.pairid), t.reference, t.caption, t.target, tuple(t.members)) for t in loaded.triplets]
+    triplets = [replace(t, pairid=str(t.pairid)) for t in loaded.triplets]
     return triplets, dict(loaded.images)
 
 

@@ -179,7 +179,7 @@ def _draw_pairs(groups: Sequence[tuple[object, Sequence[str]]], sizes: np.ndarra
     for _ in range(rounds):
         if len(pairs) >= max_pairs:
             break
-        flat = rng.integers(0, int(ends[-1]), size=2 * (max_pairs - len(pairs)))
+        flat = rng.integers(0, int(ends[-1]), size=2 * (max_pairs - len(pairs)) + 1000)
         g = np.searchsorted(ends, flat, side="right")
         local = flat - (ends[g] - sizes[g])
         for gi, k in zip(g.tolist(), local.tolist()):

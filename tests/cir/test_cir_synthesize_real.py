@@ -213,3 +213,13 @@ def test_mine_pairs_draws_from_large_groups_without_listing_them():
     assert all(p[0] != p[1] and set(p[:2]) <= set(dict(groups)[p[3]]) and p[:2] not in exclude for p in pairs)
     assert pairs == synthesize.mine_pairs(groups, exclude, 300, seed=0)
     assert pairs != synthesize.mine_pairs(groups, exclude, 300, seed=1)
+
+
+def test_drawn_pairs_are_distinct_and_never_excluded(monkeypatch):
+    """The drawing path on groups small enough that repeats and the excluded pair are drawn: asked for every
+    available pair, it returns each exactly once."""
+    monkeypatch.setattr(synthesize, "LIST_PAIRS_UP_TO", 0)
+    groups = [("g", ("a", "b", "c", "d")), ("h", ("x", "y", "z"))]
+    pairs = synthesize.mine_pairs(groups, {("a", "b")}, 17, seed=0)
+    expected = {(p, q) for _, g in groups for p in g for q in g if p != q} - {("a", "b")}
+    assert len(pairs) == 17 and {p[:2] for p in pairs} == expected

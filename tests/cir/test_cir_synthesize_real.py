@@ -223,3 +223,10 @@ def test_drawn_pairs_are_distinct_and_never_excluded(monkeypatch):
     pairs = synthesize.mine_pairs(groups, {("a", "b")}, 17, seed=0)
     expected = {(p, q) for _, g in groups for p in g for q in g if p != q} - {("a", "b")}
     assert len(pairs) == 17 and {p[:2] for p in pairs} == expected
+
+
+@pytest.mark.parametrize("name", ["cirr_synthesize", "fashioniq_synthesize", "shapes_synthesize"])
+def test_synthesis_configs_parse(name):
+    cfg = parse_config(synthesize.SynthConfig, ["--config", str(ROOT / "configs" / "cir" / f"{name}.yaml")])
+    assert cfg.dataset == name.split("_")[0].replace("shapes", "cirr")
+    assert cfg.image_tokens == ("cache" if name.startswith("shapes") else "live")

@@ -142,6 +142,23 @@ def test_synthesis_on_a_split_with_hidden_targets_is_refused(generator, tmp_path
     assert not out.exists()
 
 
+def test_synthesis_on_a_caption_file_with_a_repeated_pairid_is_refused(cirr_subset, tmp_path):
+    """The reverse texts are keyed by pairid: a repeated one stops synthesis before the generator loads."""
+    root = tmp_path / "cirr"
+    root.mkdir()
+    for folder in ("image_splits", "img_raw"):
+        (root / folder).symlink_to(cirr_subset / folder, target_is_directory=True)
+    rows = json.loads((cirr_subset / "captions" / "cap.rc2.val.json").read_text())
+    rows[4]["pairid"] = rows[2]["pairid"]
+    (root / "captions").mkdir()
+    (root / "captions" / "cap.rc2.val.json").write_text(json.dumps(rows))
+    out = tmp_path / "synthetic"
+    with pytest.raises(InputError, match=r"cap\.rc2\.val\.json: \[4\]\.pairid: pairid .* repeats row \[2\]"):
+        synthesize.main(["--cirr_root", str(root), "--split", "val", "--generator", str(tmp_path / "absent"),
+                         "--output_dir", str(out), *SYNTH_ARGS])
+    assert not out.exists()
+
+
 # ------------------------------------------------------------------------------------------------ FashionIQ
 CATEGORIES = ("dress", "shirt")
 

@@ -11,7 +11,7 @@ FashionIQ: `captions/cap.{category}.{split}.json` = `[{"candidate", "target", "c
 
 `load_cir_split(dataset, ...)` is the one place training and evaluation choose between the two: it returns the
 evaluation units of a split (CIRR: the split; FashionIQ: one split per category, each with its own gallery), and
-`merge_splits` concatenates them into one training set.
+`merge_splits` concatenates them into one training set. `cirr_groups` gives the image groups synthesis mines pairs in.
 """
 from __future__ import annotations
 

@@ -11,10 +11,11 @@ FashionIQ: `captions/cap.{category}.{split}.json` = `[{"candidate", "target", "c
 
 `load_cir_split(dataset, ...)` is the one place training and evaluation choose between the two: it returns the
 evaluation units of a split (CIRR: the split; FashionIQ: one split per category, each with its own gallery), and
-`merge_splits` concatenates them into one training set.
+`merge_splits` concatenates them into one training set. `cirr_groups` gives the image groups synthesis mines pairs in.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -158,6 +159,57 @@ def load_cirr_sets(root: str | Path, split: str) -> list[tuple[str, ...]]:
             raise InputError(path, f"[{i}].members", "a set needs at least two images")
         sets.append(tuple(members))
     return sets
+
+
+# NLVR2's image names, kept by CIRR: `<split>-<group>-<pair>-img<k>` (e.g. train-10108-0-img0)
+NLVR2_NAME = re.compile(r"^(?P<group>[A-Za-z0-9]+-\d+)-\d+-img\d+$")
+
+
+def cirr_groups(root: str | Path, split: str) -> list[tuple[int | str, tuple[str, ...]]]:
+    """The image groups of a CIRR-layout split that synthesis mines pairs from, as (group id, members).
+
+    Where `image_sets/sets.rc2.{split}.json` exists (the Shapes world writes its near-duplicate sets there), its sets,
+    numbered by position. Otherwise from what CIRR ships: first every distinct `img_set` of the caption file (CIRR's
+    subsets of six visually similar images, keyed by their id; one image may be in several), then the split's images
+    in no such subset, grouped by their NLVR2 name `<split>-<group>-<pair>-img<k>` (the images of one NLVR2 group share
+    `<split>-<group>`, which is the group's id). Names of another form, and NLVR2 groups of a single image, give no pair
+    and are left out."""
+    cap_path, split_path = cirr_files(root, split)
+    names = read_json(split_path)
+    if not isinstance(names, dict) or not names:
+        raise InputError(split_path, None, "a CIRR image split is a non-empty mapping {name: relative path}")
+    sets_path = Path(root) / "image_sets" / f"sets.rc2.{split}.json"
+    if sets_path.is_file():
+        sets = load_cirr_sets(root, split)
+        for i, members in enumerate(sets):
+            outside = [m for m in members if m not in names]
+            if outside:
+                raise InputError(sets_path, f"[{i}].members", f"image {outside[0]!r} has no entry in {split_path}")
+        return list(enumerate(sets))
+    rows = read_json(cap_path)
+    if not isinstance(rows, list):
+        raise InputError(cap_path, None, "a CIRR caption file is a list of triplets")
+    subsets: dict[int | str, tuple[str, ...]] = {}
+    first_row: dict[int | str, int] = {}
+    for i, row in enumerate(rows):
+        img_set = row.get("img_set") if isinstance(row, dict) else None
+        members = img_set.get("members") if isinstance(img_set, dict) else None
+        if not isinstance(members, list) or not members or "id" not in img_set:
+            raise InputError(cap_path, f"[{i}].img_set", "needs an id and a non-empty list of members")
+        set_id = img_set["id"]
+        known = subsets.setdefault(set_id, tuple(members))
+        first_row.setdefault(set_id, i)
+        if known != tuple(members):
+            raise InputError(cap_path, f"[{i}].img_set.members", f"set {set_id!r} lists other members in row "
+                                                                 f"[{first_row[set_id]}]")
+    groups: list[tuple[int | str, tuple[str, ...]]] = [(k, m) for k, m in subsets.items() if len(set(m)) > 1]
+    in_subsets = {m for members in subsets.values() for m in members}
+    by_nlvr2: dict[str, list[str]] = {}
+    for name in names:
+        match = NLVR2_NAME.match(name)
+        if name not in in_subsets and match:
+            by_nlvr2.setdefault(match["group"], []).append(name)
+    return groups + [(g, tuple(m)) for g, m in by_nlvr2.items() if len(m) > 1]
 
 
 def join_fashioniq_captions(captions: list[str]) -> str:

@@ -61,6 +61,7 @@ class TrainConfig(LoaderOptions):
     categories: list[str] = field(default_factory=lambda: list(FASHIONIQ_CATEGORIES))  # FashionIQ only
     cirr_root: str = "data/shapes/cirr"  # the annotated data (CIRR or FashionIQ folder): val for selection, vocabulary
     image_root: str = ""  # default {cirr_root}/img_raw (FashionIQ: /images); also the image root of `train_root`
+    image_ext: str = ".png"  # FashionIQ image files are {name}{image_ext} (copies come as .png or .jpg)
     train_root: str = ""  # where the training triplets are (default cirr_root; the synthetic folder to pretrain)
     train_split: str = "train"
     val_split: str = "val"
@@ -145,7 +146,7 @@ def run(cfg: TrainConfig) -> dict:
 
 
 def _load(cfg: TrainConfig, root: str, split: str, image_root: str) -> list[CIRSplit]:
-    return load_cir_split(cfg.dataset, root, split, cfg.categories, image_root)
+    return load_cir_split(cfg.dataset, root, split, cfg.categories, image_root, image_ext=cfg.image_ext)
 
 
 def _build(cfg: TrainConfig, train: CIRSplit, device: torch.device) -> ComposedRetriever:

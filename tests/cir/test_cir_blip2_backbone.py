@@ -11,9 +11,10 @@ import core.modtext as modtext
 from core.io import atomic_write_json, read_json
 from cir import train
 from cir.data import CIRTriplet
-from cir.features import token_bank
+from cir.features import token_bank, token_source
 from cir.retriever import ComposedRetriever, load_pretrained_retriever
 from core.config import parse_config
+from core.data import LoaderOptions
 from core.errors import InputError
 from tests.tiny_models import save_tiny_blip2_retrieval
 
@@ -134,6 +135,21 @@ def test_trains_saves_and_reloads_reading_only_the_vision_tensors(blip2, tmp_pat
     again = ComposedRetriever.from_pretrained(folder, CPU)
     assert asked == [("Blip2VisionModel", "vision_model.", None)]
     assert torch.allclose(_scores(again, pixels), before, atol=1e-6)
+
+
+def test_the_frozen_vit_tokens_stream_or_cache(blip2, tmp_path):
+    """`image_tokens: live` and `cache` give the BLIP-2 tower's tokens (the cache in float16, reused when reopened)."""
+    r = _retriever(blip2)
+    images = _images(tmp_path / "images")
+    names = list(images)[:3]
+    options = LoaderOptions(num_workers=0)
+    live = token_source("live", r.image_encoder, images, None, options).get(names, CPU)
+    cached = token_source("cache", r.image_encoder, images, tmp_path / "cache" / "train", options).get(names, CPU)
+    assert live.shape == (3, 17, 32) and torch.allclose(cached, live, atol=2e-2, rtol=1e-2)
+    shard = next((tmp_path / "cache").glob("train.*.npy"))
+    made = shard.stat().st_mtime_ns
+    again = token_source("cache", r.image_encoder, images, tmp_path / "cache" / "train", options).get(names, CPU)
+    assert torch.equal(again, cached) and shard.stat().st_mtime_ns == made
 
 
 def test_a_blip2_checkpoint_without_the_retrieval_heads_is_refused(tmp_path):

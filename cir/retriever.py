@@ -108,8 +108,11 @@ class ComposedRetriever(nn.Module):
 
     # ---- the embeddings (one code path for training and inference)
     def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        # BLIP-2's Q-Former was pretrained on BERT inputs ([CLS] text [SEP]), which the real backbone keeps; the
+        # project's word tokenizers have no special tokens to add
+        special = bool(self.spec.get("text_special_tokens", False))
         tok = self.tokenizer(list(texts), padding=True, truncation=True, max_length=int(self.spec["max_text_length"]),
-                             return_tensors="pt", add_special_tokens=False)
+                             return_tensors="pt", add_special_tokens=special)
         return tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device)
 
     def image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -148,7 +151,8 @@ class ComposedRetriever(nn.Module):
     def second_hop(self, proto: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Hop two: (prototype tokens, text) → the query embedding [B, D] (L2-normalised), the mean over the
         query positions' outputs. The released code averages those with the [CLS] output while training and reads
-        [CLS] alone when searching; the project's tokenizers add no [CLS], and one pooling serves both here."""
+        [CLS] alone when searching; the project's word tokenizers add no [CLS] (BLIP-2's BERT tokenizer does, on
+        the real backbone), and one pooling, over the query positions, serves both here."""
         if self.variant == "official":
             fused = self._self_attend(proto, ids, mask)[:, :proto.shape[1]]
         else:
@@ -352,7 +356,8 @@ def load_blip2_retriever(name: str, config: Any, spec: dict[str, Any],
                          device: torch.device | None = None) -> ComposedRetriever:
     """The paper's backbone, as the released PTHA model starts from BLIP-2's first-stage checkpoint: the ViT (frozen,
     core.device's dtype, bf16 on CUDA; its last LayerNorm is BLIP-2's `ln_vision`), the Q-Former with its text
-    embeddings, the query tokens and the two ITC projections (all trained, float32), the BERT tokenizer. Each part is
+    embeddings, the query tokens and the two ITC projections (all trained, float32), the BERT tokenizer (texts keep
+    its [CLS] ... [SEP], as the Q-Former was pretrained on them). Each part is
     read alone from `name` (a `Blip2ForImageTextRetrieval` checkpoint); the ITM head is not used. The checkpoint's
     query count and ITC width replace `num_query_tokens` / `embed_dim`."""
     from transformers import AutoImageProcessor, AutoTokenizer, Blip2VisionModel, InstructBlipQFormerModel
@@ -365,7 +370,8 @@ def load_blip2_retriever(name: str, config: Any, spec: dict[str, Any],
     vision = pretrained_part(name, Blip2VisionModel, "vision_model.", device)
     qformer = pretrained_part(name, InstructBlipQFormerModel, "qformer.", trainable=True,
                               config=blip2_qformer_config(config), key_mapping=BLIP2_QFORMER_KEYS)
-    spec = {**spec, "num_query_tokens": int(config.num_query_tokens), "embed_dim": int(config.image_text_hidden_size)}
+    spec = {**spec, "num_query_tokens": int(config.num_query_tokens), "embed_dim": int(config.image_text_hidden_size),
+            "text_special_tokens": True}
     retriever = retriever_from_parts(vision, qformer, checkpoint_tensor(name, "query_tokens"),
                                      AutoImageProcessor.from_pretrained(name), AutoTokenizer.from_pretrained(name),
                                      spec, {"name": name}, kind="blip2")

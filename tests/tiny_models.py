@@ -215,13 +215,13 @@ def tiny_instructblip(vocab: int, seed: int = 0):
 def save_tiny_blip2_retrieval(folder: Path, texts: list[str], seed: int = 0) -> Path:
     """A tiny random Blip2ForImageTextRetrieval (ViT 32 px, a 2-layer Q-Former with text layers and cross-attention
     every second layer as blip2-itm-vit-g has, ITC projections), saved with its tokenizer and image processor so that
-    it loads by path like the hub checkpoint."""
+    it loads by path like the hub checkpoint; its tokenizer is a BERT one (as blip2-itm-vit-g's) over the words of
+    `texts`."""
     import torch
-    from transformers import Blip2Config, Blip2ForImageTextRetrieval, BlipImageProcessor
+    from transformers import BertTokenizer, Blip2Config, Blip2ForImageTextRetrieval, BlipImageProcessor
 
-    from core.modtext import build_word_tokenizer
-
-    tok = build_word_tokenizer(texts)
+    words = sorted({w for t in texts for w in t.lower().replace(",", " ").split()})
+    tok = BertTokenizer(vocab={w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])})
     cfg = Blip2Config(
         vision_config={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
                        "image_size": 32, "patch_size": 8},

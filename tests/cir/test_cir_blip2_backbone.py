@@ -72,6 +72,7 @@ def test_the_retriever_starts_from_the_checkpoints_parts(blip2):
         theirs = hf.qformer(query_embeds=hf.query_tokens.expand(2, -1, -1), encoder_hidden_states=image)
         assert torch.allclose(ours, F.normalize(hf.vision_projection(theirs.last_hidden_state), dim=-1), atol=1e-5)
         ids, mask = r.tokenize(TEXTS[:2])
+        assert ids[0, 0] == r.tokenizer.cls_token_id and ids[0, -1] == r.tokenizer.sep_token_id  # BERT inputs
         text = hf.qformer(query_embeds=hf.embeddings(input_ids=ids), query_length=0, attention_mask=mask)
         assert torch.allclose(r.hop1(input_ids=ids, attention_mask=mask).last_hidden_state,
                               text.last_hidden_state, atol=1e-5)

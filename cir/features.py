@@ -9,7 +9,7 @@ Two sources with one interface: `get(names, device)` gives float32 tokens [B, T,
   says what made them (encoder fingerprint, preprocessing, image list) and which files hold them. They are read
   back by memory map, only the rows a batch asks for; a cache made by another encoder, preprocessing or image list
   is rebuilt. float16 rounding (about 3 significant digits) is the only difference from running the tower.
-- "live" (`LiveTokens`; for real towers, e.g. InstructBLIP's ViT-g, whose CIRR-train cache would be 12 GB): the
+- "live" (`LiveTokens`; for real towers, e.g. BLIP-2's ViT-g, whose CIRR-train cache would be 12 GB): the
   tower runs per batch, in core.device.autocast (bf16 on CUDA), on images a DataLoader decodes in its workers.
 
 Embedding functions still run from tokens (`encode_*_from_tokens`), the same code `encode_*` (pixels) runs.

@@ -47,7 +47,7 @@ VARIANTS = ("official", "project")
 LEGACY_VARIANT = "project"  # what a retriever.json without "ptha_variant" was trained as
 OFFICIAL_TEMPERATURE = 0.07  # the released model's initial (learnt) temperature
 OFFICIAL_LABEL_SMOOTHING = 0.1  # the released model's L_q2t
-# Tiny Q-Formers for the Shapes world (the real config names a pretrained InstructBLIP Q-Former for hop one).
+# Tiny Q-Formers for the Shapes world (the real configs start hop one from BLIP-2's pretrained Q-Former).
 SHAPES_RETRIEVER: dict[str, Any] = {
     "qformer": {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256,
                 "cross_attention_frequency": 1, "max_position_embeddings": 64,
@@ -108,8 +108,11 @@ class ComposedRetriever(nn.Module):
 
     # ---- the embeddings (one code path for training and inference)
     def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        # BLIP-2's Q-Former was pretrained on BERT inputs ([CLS] text [SEP]), which the real backbone keeps; the
+        # project's word tokenizers have no special tokens to add
+        special = bool(self.spec.get("text_special_tokens", False))
         tok = self.tokenizer(list(texts), padding=True, truncation=True, max_length=int(self.spec["max_text_length"]),
-                             return_tensors="pt", add_special_tokens=False)
+                             return_tensors="pt", add_special_tokens=special)
         return tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device)
 
     def image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -148,7 +151,8 @@ class ComposedRetriever(nn.Module):
     def second_hop(self, proto: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Hop two: (prototype tokens, text) → the query embedding [B, D] (L2-normalised), the mean over the
         query positions' outputs. The released code averages those with the [CLS] output while training and reads
-        [CLS] alone when searching; the project's tokenizers add no [CLS], and one pooling serves both here."""
+        [CLS] alone when searching; the project's word tokenizers add no [CLS] (BLIP-2's BERT tokenizer does, on
+        the real backbone), and one pooling, over the query positions, serves both here."""
         if self.variant == "official":
             fused = self._self_attend(proto, ids, mask)[:, :proto.shape[1]]
         else:
@@ -292,15 +296,15 @@ def retriever_from_instructblip(model: nn.Module, image_processor: Any, tokenize
 
 
 def retriever_from_parts(vision: nn.Module, qformer: nn.Module, query_tokens: torch.Tensor, image_processor: Any,
-                         tokenizer: Any, spec: dict[str, Any],
-                         source: dict[str, Any] | None = None) -> ComposedRetriever:
-    """A retriever on InstructBLIP's ViT (frozen; `source["name"]` names the checkpoint it reloads from) whose hop one
-    starts from its Q-Former and query tokens (trained, float32)."""
+                         tokenizer: Any, spec: dict[str, Any], source: dict[str, Any] | None = None,
+                         kind: str = "instructblip") -> ComposedRetriever:
+    """A retriever on a pretrained ViT (InstructBLIP's or BLIP-2's, frozen; `source["name"]` names the checkpoint it
+    reloads from) whose hop one starts from that checkpoint's Q-Former and query tokens (trained, float32)."""
     source = dict(source or {})
     image = hf_image_tokens(vision, image_processor, {k: source[k] for k in ("name",) if k in source}
                             | {"vision_class": type(vision).__name__})
     q = {**spec["qformer"], "hidden_size": qformer.config.hidden_size}
-    full = {**spec, "qformer": q, "kind": "instructblip", **source}
+    full = {**spec, "qformer": q, "kind": kind, **source}
     retriever = ComposedRetriever(image, tokenizer, full, hop1=qformer.float())
     with torch.no_grad():
         n = min(retriever.query_tokens1.shape[1], query_tokens.shape[1])
@@ -309,15 +313,70 @@ def retriever_from_parts(vision: nn.Module, qformer: nn.Module, query_tokens: to
 
 
 def load_pretrained_retriever(name: str, spec: dict[str, Any], device: torch.device | None = None) -> ComposedRetriever:
-    """e.g. "Salesforce/instructblip-flan-t5-xl": its ViT (frozen, core.device's dtype) and Q-Former (float32, BERT
-    tokenizer) start the retriever, each read alone from the checkpoint (its language model is never loaded)."""
+    """The retriever a real run starts from: BLIP-2's retrieval checkpoint (`load_blip2_retriever`, e.g.
+    "Salesforce/blip2-itm-vit-g", the paper's backbone) or an InstructBLIP one (e.g.
+    "Salesforce/instructblip-flan-t5-xl": its ViT, frozen, and its Q-Former, each read alone, its language model
+    never loaded)."""
     from transformers import AutoConfig, InstructBlipProcessor, InstructBlipQFormerModel, InstructBlipVisionModel
 
     config = AutoConfig.from_pretrained(name)
+    if config.model_type == "blip-2":
+        return load_blip2_retriever(name, config, spec, device)
     if config.model_type != "instructblip":
-        raise InputError(name, "model_type", f"hop one starts from an InstructBLIP Q-Former, got {config.model_type!r}")
+        raise InputError(name, "model_type", "hop one starts from a BLIP-2 retrieval or an InstructBLIP checkpoint, "
+                                             f"got {config.model_type!r}")
     vision = pretrained_part(name, InstructBlipVisionModel, "vision_model.", device)
     qformer = pretrained_part(name, InstructBlipQFormerModel, "qformer.", trainable=True)
     processor = InstructBlipProcessor.from_pretrained(name)
     return retriever_from_parts(vision, qformer, checkpoint_tensor(name, "query_tokens"), processor.image_processor,
                                 processor.qformer_tokenizer, spec, {"name": name})
+
+
+# BLIP-2's retrieval checkpoint keeps its Q-Former's text embeddings beside it (`embeddings.*`, named as InstructBLIP's
+# Q-Former names them) and the input LayerNorm inside it (`qformer.layernorm`); InstructBLIP's Q-Former class holds
+# both in `embeddings` and computes the same thing (word + position embeddings after the queries, then that
+# LayerNorm), so BLIP-2's tensors load into it under these names. `embeddings.*` needs no renaming.
+BLIP2_QFORMER_KEYS = {r"^qformer\.layernorm\.": "embeddings.layernorm.", r"^qformer\.encoder\.": "encoder."}
+# The retriever's heads and the checkpoint's ITC projections they start from (the released PTHA model scores
+# composed and text-only features with BLIP-2's text_proj and targets with its vision_proj).
+BLIP2_HEADS = {"query_proj": "text_projection", "target_proj": "vision_projection"}
+BLIP2_CLASS = "Blip2ForImageTextRetrieval"
+
+
+def blip2_qformer_config(config: Any) -> Any:
+    """BLIP-2's Q-Former config as InstructBLIP's Q-Former class takes it (the same fields, less the switch that
+    gives BLIP-2's layers their text feed-forward, which InstructBLIP's always have)."""
+    from transformers import InstructBlipQFormerConfig
+
+    allowed = set(InstructBlipQFormerConfig().to_dict()) - {"model_type", "transformers_version", "architectures"}
+    return InstructBlipQFormerConfig(**{k: v for k, v in config.qformer_config.to_dict().items() if k in allowed})
+
+
+def load_blip2_retriever(name: str, config: Any, spec: dict[str, Any],
+                         device: torch.device | None = None) -> ComposedRetriever:
+    """The paper's backbone, as the released PTHA model starts from BLIP-2's first-stage checkpoint: the ViT (frozen,
+    core.device's dtype, bf16 on CUDA; its last LayerNorm is BLIP-2's `ln_vision`), the Q-Former with its text
+    embeddings, the query tokens and the two ITC projections (all trained, float32), the BERT tokenizer (texts keep
+    its [CLS] ... [SEP], as the Q-Former was pretrained on them). Each part is
+    read alone from `name` (a `Blip2ForImageTextRetrieval` checkpoint); the ITM head is not used. The checkpoint's
+    query count and ITC width replace `num_query_tokens` / `embed_dim`."""
+    from transformers import AutoImageProcessor, AutoTokenizer, Blip2VisionModel, InstructBlipQFormerModel
+
+    if BLIP2_CLASS not in (config.architectures or []) or not config.qformer_config.use_qformer_text_input:
+        raise InputError(Path(name) / "config.json", "architectures",
+                         f"hop one starts from BLIP-2's retrieval checkpoint ({BLIP2_CLASS}, e.g. "
+                         "Salesforce/blip2-itm-vit-g: a Q-Former with text layers and ITC projections), got "
+                         f"{config.architectures}")
+    vision = pretrained_part(name, Blip2VisionModel, "vision_model.", device)
+    qformer = pretrained_part(name, InstructBlipQFormerModel, "qformer.", trainable=True,
+                              config=blip2_qformer_config(config), key_mapping=BLIP2_QFORMER_KEYS)
+    spec = {**spec, "num_query_tokens": int(config.num_query_tokens), "embed_dim": int(config.image_text_hidden_size),
+            "text_special_tokens": True}
+    retriever = retriever_from_parts(vision, qformer, checkpoint_tensor(name, "query_tokens"),
+                                     AutoImageProcessor.from_pretrained(name), AutoTokenizer.from_pretrained(name),
+                                     spec, {"name": name}, kind="blip2")
+    with torch.no_grad():
+        for head, key in BLIP2_HEADS.items():
+            getattr(retriever, head).weight.copy_(checkpoint_tensor(name, f"{key}.weight"))
+            getattr(retriever, head).bias.copy_(checkpoint_tensor(name, f"{key}.bias"))
+    return retriever

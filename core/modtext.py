@@ -231,15 +231,17 @@ def _quiet_transformers():
 
 
 def pretrained_part(name: str, cls: Any, prefix: str, device: torch.device | None = None, trainable: bool = False,
-                    config: Any = None) -> nn.Module:
+                    config: Any = None, key_mapping: dict[str, str] | None = None) -> nn.Module:
     """One part of a composite checkpoint (InstructBLIP / BLIP-2: "vision_model.", "qformer.", "language_model."),
     built from its own sub-config with only its own tensors read (`key_mapping` strips the prefix; the other parts'
-    tensors are skipped), so reloading a ViT never loads the 7B language model beside it. Frozen parts load in
+    tensors are skipped), so reloading a ViT never loads the 7B language model beside it. A part whose tensors sit
+    under more than one prefix passes its own `key_mapping` (regex → replacement) instead. Frozen parts load in
     core.device's dtype (bf16 on CUDA), trained ones in float32."""
     dtype = TRAINABLE_DTYPE if trainable else pretrained_dtype_kwargs(device or get_device())
     extra = {"config": config} if config is not None else {}
+    mapping = key_mapping if key_mapping is not None else {rf"^{re.escape(prefix)}": ""}
     with _quiet_transformers():
-        part = cls.from_pretrained(name, key_mapping={rf"^{re.escape(prefix)}": ""}, **extra, **dtype)
+        part = cls.from_pretrained(name, key_mapping=mapping, **extra, **dtype)
     # transformers keeps the key mapping to undo it on save_pretrained; a trained part is saved as a model of its own
     # class (a folder that reloads without the mapping), so it is dropped
     part._weight_conversions = None

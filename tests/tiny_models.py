@@ -210,3 +210,31 @@ def tiny_instructblip(vocab: int, seed: int = 0):
 
     torch.manual_seed(seed)
     return InstructBlipForConditionalGeneration(cfg).eval()
+
+
+def save_tiny_blip2_retrieval(folder: Path, texts: list[str], seed: int = 0) -> Path:
+    """A tiny random Blip2ForImageTextRetrieval (ViT 32 px, a 2-layer Q-Former with text layers and cross-attention
+    every second layer as blip2-itm-vit-g has, ITC projections), saved with its tokenizer and image processor so that
+    it loads by path like the hub checkpoint; its tokenizer is a BERT one (as blip2-itm-vit-g's) over the words of
+    `texts`."""
+    import torch
+    from transformers import BertTokenizer, Blip2Config, Blip2ForImageTextRetrieval, BlipImageProcessor
+
+    words = sorted({w for t in texts for w in t.lower().replace(",", " ").split()})
+    tok = BertTokenizer(vocab={w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])})
+    cfg = Blip2Config(
+        vision_config={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
+                       "image_size": 32, "patch_size": 8},
+        qformer_config={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+                        "vocab_size": len(tok), "pad_token_id": tok.pad_token_id, "cross_attention_frequency": 2,
+                        "max_position_embeddings": 64, "encoder_hidden_size": 32, "use_qformer_text_input": True},
+        num_query_tokens=4, image_text_hidden_size=16)
+    torch.manual_seed(seed)
+    model = Blip2ForImageTextRetrieval(cfg).eval()
+    with torch.no_grad():  # off their initial values (LayerNorms at 1, 0): a tensor loaded under a wrong name shows
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    BlipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder

@@ -3,7 +3,8 @@
 Qwen2-VL (last-token pooling of the final hidden state, LoRA adapters trained, real data). Both expose one interface:
 
     prepare_images(corpus) -> ImageSource (cir.iterative.data: one item per image, batches read by DataLoader workers)
-    encode_queries(reference batch, texts) -> [B, D];  encode_targets(image batch) -> [B, D]  (L2-normalised)
+    encode_queries(reference batch, texts) -> [B, D];  encode_targets(image batch) -> [B, D] or [B, T, D]
+    (L2-normalised), scored by similarity(queries, targets) -> [B, M]
     temperature;  save_pretrained(folder);  load_backbone(kind, path, device)
 
 Training, mining and evaluation all call these same two functions, so the embedding the loss trains is the one
@@ -47,7 +48,13 @@ class EmbeddingBackbone(torch.nn.Module):
         raise NotImplementedError
 
     def encode_targets(self, images: Any) -> torch.Tensor:
+        """[B, D] target embeddings, or [B, T, D] for a model that scores a target by its best token (`similarity`)."""
         raise NotImplementedError
+
+    @staticmethod
+    def similarity(queries: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """[B, M] scores of queries [B, D] against `encode_targets`' output for M images: the inner product."""
+        return queries @ targets.T
 
     def save_pretrained(self, folder: str | Path) -> None:
         raise NotImplementedError
@@ -96,7 +103,12 @@ class ComposedRetrieverBackbone(EmbeddingBackbone):
         return self.retriever.encode_queries_from_tokens(self._tokens(references), list(texts))
 
     def encode_targets(self, images: torch.Tensor) -> torch.Tensor:
-        return self.retriever.encode_targets_from_tokens(self._tokens(images))
+        """[B, T, D]: one embedding per Q-Former query token for the official PTHA variant, scored by the max over
+        them as the CIR stage trains and evaluates it (T = 1 for the project variant)."""
+        return self.retriever.encode_target_tokens_from_tokens(self._tokens(images))
+
+    def similarity(self, queries: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.retriever.similarity(queries, targets)
 
     def save_pretrained(self, folder: str | Path) -> None:
         self.retriever.save_pretrained(folder)

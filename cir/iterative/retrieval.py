@@ -1,5 +1,6 @@
 """Real retrieval with the current model: query and gallery embeddings through the backbone's `encode_queries` /
-`encode_targets`, scores by inner product. Mining and evaluation both call `score_queries`, so hard negatives are
+`encode_targets`, scored by the backbone's `similarity` (the inner product, or the max over a target's tokens).
+Mining and evaluation both call `score_queries`, so hard negatives are
 mined with exactly the encoder that evaluation ranks with. The batches are read by DataLoader workers
 (cir.iterative.data.Corpus.batches); under torchrun each rank encodes its share and the embeddings are gathered, so
 every rank holds the same scores."""
@@ -26,7 +27,8 @@ def _device_of(backbone: EmbeddingBackbone) -> torch.device:
 @torch.no_grad()
 def encode_gallery(backbone: EmbeddingBackbone, corpus: Corpus, names: Sequence[str], batch_size: int,
                    info: DistInfo = SINGLE) -> torch.Tensor:
-    """[n, D] target embeddings on the CPU; under torchrun each rank encodes its share and every rank gets all."""
+    """[n, D] (or [n, T, D], see `EmbeddingBackbone.encode_targets`) target embeddings on the CPU; under torchrun
+    each rank encodes its share and every rank gets all."""
     backbone.eval()
     device = _device_of(backbone)
     share, _ = padded_share(list(names), info)
@@ -60,7 +62,7 @@ def score_queries(backbone: EmbeddingBackbone, corpus: Corpus, triplets: Sequenc
     Under torchrun every rank calls it and gets the same matrix."""
     g = encode_gallery(backbone, corpus, list(gallery), batch_size, info)
     q = encode_queries(backbone, corpus, list(triplets), batch_size, info)
-    scores = (q @ g.T).numpy()
+    scores = torch.cat([backbone.similarity(q[i:i + batch_size], g) for i in range(0, len(q), batch_size)]).numpy()
     column = {name: j for j, name in enumerate(gallery)}
     for i, t in enumerate(triplets):
         if t.reference in column:

@@ -97,12 +97,13 @@ def step_share(batch: Sequence[Triplet], negatives_per_query: int,
 
 
 def share_contrastive(query: torch.Tensor, target: torch.Tensor, temperature: float, share: StepShare,
-                      world_size: int = 1) -> torch.Tensor:
+                      world_size: int = 1, similarity: Callable | None = None) -> torch.Tensor:
     """L_q2t of PTHA (cir.losses.query_target_contrastive: InfoNCE of each query against the batch's targets plus the
     appended hard negatives, a duplicate of the query's own target image not counted as a negative), for this rank's
-    rows of the global batch. The sum over the rank's rows times world / B: DDP averages the ranks' gradients, so
-    their mean is the gradient of the global batch's mean loss, whatever the (uneven) shares."""
-    logits = query @ target.T / temperature
+    rows of the global batch, scored by `similarity` (the backbone's; the inner product by default). The sum over the
+    rank's rows times world / B: DDP averages the ranks' gradients, so their mean is the gradient of the global
+    batch's mean loss, whatever the (uneven) shares."""
+    logits = (similarity(query, target) if similarity is not None else query @ target.T) / temperature
     lookup: dict[str, int] = {}
     ids = torch.tensor([lookup.setdefault(i, len(lookup)) for i in share.target_ids], device=logits.device)
     rows = torch.tensor(share.rows, device=logits.device)
@@ -127,7 +128,8 @@ class RoundLoss(torch.nn.Module):
     def forward(self, references: Any, texts: Sequence[str], targets: Any, share: StepShare) -> torch.Tensor:
         query = self.backbone.encode_queries(references, texts)
         target = gather_share_rows(self.backbone.encode_targets(targets), len(share.target_ids), self.info)
-        return share_contrastive(query, target, self.temperature, share, self.info.world_size)
+        return share_contrastive(query, target, self.temperature, share, self.info.world_size,
+                                 self.backbone.similarity)
 
 
 def step_specs(triplets: Sequence[Triplet], plan: Sequence[Sequence[int]], negatives_per_query: int,

@@ -38,6 +38,18 @@ def test_mining_ranks_like_evaluation(shapes_world, round0_retriever):
     corpus.prepare(model)
 
     scores = score_queries(model, corpus, triplets, gallery, batch_size=64)
+    # scored as the CIR stage trains and evaluates the retriever: each target's best query token (official PTHA),
+    # computed here from the pixel path, brute force
+    assert model.retriever.variant == "official"
+    with torch.no_grad():
+        gallery_px = torch.stack([model.retriever.preprocess(corpus.image(n)) for n in gallery])
+        tokens = model.retriever.encode_target_tokens_from_tokens(model.retriever.image_tokens(gallery_px))
+        assert tokens.shape[1] > 1
+        brute = torch.stack([torch.stack([(tokens[j] @ q).max() for j in range(len(gallery))]) for q in direct])
+    column = {name: j for j, name in enumerate(gallery)}
+    for i, t in enumerate(triplets[:4]):
+        brute[i, column[t.reference]] = float("-inf")
+    assert np.allclose(scores[:4], brute.numpy(), atol=5e-3)
     ranked = rank_gallery(scores, gallery, triplets)  # the evaluation's ranking (cir.metrics)
     missed = [t for t, r in zip(triplets, ranked) if r[0] != t.target]
     assert stats["missed_top1"] == len(records) == len(missed)

@@ -205,3 +205,36 @@ def test_a_dataset_json_without_a_test_split_is_refused_before_any_work(tiny_mod
     assert done.returncode != 0
     assert "dataset_coco.json" in done.stderr and "images[].split" in done.stderr and "'test' is empty" in done.stderr
     assert not (run_dir / "comgtir" / "emb").exists()
+
+
+@pytest.mark.parametrize("dataset", ["shapes", "coco", "flickr30k"])
+def test_every_step_config_parses(dataset):
+    from core.config import parse_config
+    from retriever.dense.encode import EncodeConfig
+    from retriever.generative.evaluate import EvaluateConfig
+    from retriever.generative.named_encoder import NamedEncoderConfig
+    from retriever.generative.prepare_dataset import PrepareDatasetConfig
+    from retriever.generative.rerank import RerankConfig
+    from retriever.generative.train import RetrieverTrainConfig
+    from rqvae.generate_codes import GenerateCodesConfig
+    from rqvae.train import RQVAETrainConfig
+    from tools.generate_pseudo_query import PseudoQueryConfig
+
+    steps = {"prepare_emb": EncodeConfig, "rqvae": RQVAETrainConfig, "generate_codes": GenerateCodesConfig,
+             "pseudo_query": PseudoQueryConfig, "prepare_dataset": PrepareDatasetConfig,
+             "retriever": RetrieverTrainConfig, "evaluate": EvaluateConfig, "rerank": RerankConfig}
+    if dataset != "shapes":
+        steps["encoder"] = NamedEncoderConfig
+    folder = REPO / "configs" / "comgtir" / dataset
+    assert {p.stem for p in folder.glob("*.yaml")} == set(steps)
+    for file, cls in steps.items():
+        parse_config(cls, ["--config", str(folder / f"{file}.yaml")])
+    if dataset != "shapes":  # the paper's models and sizes
+        assert parse_config(NamedEncoderConfig, ["--config", str(folder / "encoder.yaml")]).model == {
+            "pretrained_name": "ViT-L-14-336-quickgelu", "pretrained": "openai"}
+        rq = parse_config(RQVAETrainConfig, ["--config", str(folder / "rqvae.yaml")])
+        assert (rq.levels, rq.codebook_size, rq.shared_codebook) == (4, 1024, True)
+        assert parse_config(RetrieverTrainConfig, ["--config", str(folder / "retriever.yaml")]).model == {
+            "pretrained": "t5-base"}
+        assert parse_config(EvaluateConfig, ["--config", str(folder / "evaluate.yaml")]).num_beams == 50
+        assert parse_config(RerankConfig, ["--config", str(folder / "rerank.yaml")]).depth == 20

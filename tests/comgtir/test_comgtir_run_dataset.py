@@ -198,13 +198,16 @@ def test_a_dataset_without_configs_is_refused_before_any_work(tmp_path):
 
 
 def test_a_dataset_json_without_a_test_split_is_refused_before_any_work(tiny_models, tmp_path):
-    run_dir = tmp_path / "run"
-    write_dataset(run_dir / "data", "coco", drop_split="test")
-    env = run_env("coco", run_dir, tiny_configs("coco", tmp_path / "configs"), tiny_models)
-    done = run_script(env, "01_prepare_emb.sh")
-    assert done.returncode != 0
-    assert "dataset_coco.json" in done.stderr and "images[].split" in done.stderr and "'test' is empty" in done.stderr
-    assert not (run_dir / "comgtir" / "emb").exists()
+    """prepare_emb's own command (as 01_prepare_emb.sh gives it), in process: the refusal comes before encoding."""
+    from core.errors import InputError
+    from retriever.dense import encode
+
+    data_json = write_dataset(tmp_path / "data", "coco", drop_split="test")
+    with pytest.raises(InputError, match=r"dataset_coco.json.*images\[\]\.split.*'test' is empty"):
+        encode.main(["--config", str(REPO / "configs/comgtir/coco/prepare_emb.yaml"), "--checkpoint",
+                     str(tiny_models["clip"]), "--data_json", str(data_json), "--image_root", str(tmp_path / "data" / "images"),
+                     "--output_dir", str(tmp_path / "emb"), "--splits", "train,val,test"])
+    assert not (tmp_path / "emb").exists()
 
 
 @pytest.mark.parametrize("dataset", ["shapes", "coco", "flickr30k"])

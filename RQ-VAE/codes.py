@@ -3,7 +3,8 @@ disambiguation suffix, and its order-invariant identifier (the set of its codes)
 codebook-usage statistics of the tokenizer report.
 
 codes.json: {"levels": L, "codebook_size": K, "shared_codebook": bool, "suffix_size": M, "id_length": L + 1,
-             "set_size": K or L·K, "images": {imgid: {"seq": [c_1..c_L, s], "set": [..], "split": str}}}
+             "set_size": K or L·K, "images": {imgid: {"seq": [c_1..c_L, s], "set": [..], "split": str}},
+             "rqvae_weights": digest of the RQ-VAE checkpoint's model.pt (absent in files written before)}
 The suffix s numbers the images that share the same L codes (0 for an image alone in its group). Set elements
 are codes for a shared codebook (order and level are forgotten) and l·K + c for per-level codebooks.
 """
@@ -116,6 +117,7 @@ class Identifiers:
         self.levels, self.codebook_size = int(doc["levels"]), int(doc["codebook_size"])
         self.shared, self.suffix_size = bool(doc["shared_codebook"]), int(doc["suffix_size"])
         self.id_length, self.set_size = int(doc["id_length"]), int(doc["set_size"])
+        self.rqvae_weights = str(doc.get("rqvae_weights", ""))  # files written before it was recorded have none
         if self.id_length != self.levels + 1:
             raise InputError(self.path, "id_length", f"must be levels + 1 = {self.levels + 1}")
         self.seq: dict[str, tuple[int, ...]] = {}

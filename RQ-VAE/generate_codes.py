@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from core.config import parse_config
-from core.io import atomic_write_json, load_embeddings
+from core.io import atomic_write_json, file_digest, load_embeddings
 from core.logging import format_table
 from core.results import update_summary
 from rqvae.codes import build_codes, collision_rate, reassign_collisions, usage_stats, write_codes
@@ -60,6 +60,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if cfg.reassign:
         codes = reassign_collisions(codes, last_level_distances(model, x), order_key=dist)
     doc = build_codes(ids, splits, codes, spec.codebook_size, spec.shared_codebook, order_key=dist)
+    doc["rqvae_weights"] = file_digest(Path(cfg.checkpoint) / "model.pt")  # which tokenizer run: checked by readers
     write_codes(cfg.output, doc)
 
     full = np.array([doc["images"][str(i)]["seq"] for i in ids])

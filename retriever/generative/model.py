@@ -45,6 +45,7 @@ class RetrieverSpec:
     shared_codebook: bool
     set_pooling: str = "mean"
     set_head: str = "mlp"
+    rqvae_weights: str = ""  # digest of the RQ-VAE that made the identifiers ("" = not recorded, older folders)
 
     IDENTIFIER_FIELDS = ("levels", "codebook_size", "suffix_size", "set_size", "shared_codebook")
 
@@ -56,7 +57,8 @@ class RetrieverSpec:
 
     @classmethod
     def from_identifiers(cls, ids: Any, set_pooling: str = "mean", set_head: str = "mlp") -> "RetrieverSpec":
-        return cls(ids.levels, ids.codebook_size, ids.suffix_size, ids.set_size, ids.shared, set_pooling, set_head)
+        return cls(ids.levels, ids.codebook_size, ids.suffix_size, ids.set_size, ids.shared, set_pooling, set_head,
+                   ids.rqvae_weights)
 
     def check_fits(self, ids: Any) -> None:
         """The identifiers of a codes.json must be the ones this model's vocabulary and set head were built for."""
@@ -67,6 +69,10 @@ class RetrieverSpec:
                 continue  # fewer disambiguation codes needed: still fits
             if mine != other:
                 raise InputError(ids.path, name, f"{other} does not fit the model's vocabulary (built for {mine})")
+        # codes of the same sizes from another tokenizer run fit the vocabulary but mean other images
+        if self.rqvae_weights and ids.rqvae_weights and self.rqvae_weights != ids.rqvae_weights:
+            raise InputError(ids.path, "rqvae_weights", f"made by another RQ-VAE run ({ids.rqvae_weights[:12]}) than "
+                             f"the identifiers this model was trained on ({self.rqvae_weights[:12]})")
 
 
 def build_t5(model: dict[str, Any], vocab_size: int, pad_id: int, eos_id: int) -> T5ForConditionalGeneration:

@@ -3,14 +3,16 @@
 # Multi-process: NPROC=2 bash scripts/comgtir/06_stage1_seqid.sh (torchrun, DDP; the batch is split over the processes).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-source scripts/common.sh
 source scripts/comgtir/paths.sh
 
-EPOCHS=$(fast_or 1 2)
-BATCH_SIZE=256
-LR=3e-3
+HP=()  # real data: the dataset's retriever.yaml (its T5, or COMGTIR_T5)
+if is_shapes; then
+  HP=(--epochs "$(fast_or 1 2)" --batch_size 256 --lr 3e-3)
+elif [ -n "${COMGTIR_T5:-}" ]; then
+  HP=(--tokenizer "$COMGTIR_T5" --model "{pretrained: '$COMGTIR_T5'}")
+fi
 
-launch retriever.generative.train --config configs/comgtir/shapes/retriever.yaml --stage seqid \
+launch retriever.generative.train --config "$COMGTIR_CONFIGS/retriever.yaml" --stage seqid \
   --data_dir "$COMGTIR_DIR/data" --codes "$COMGTIR_DIR/codes.json" --rqvae "$COMGTIR_DIR/rqvae" \
-  --output_dir "$COMGTIR_DIR/stage1_seqid" --epochs "$EPOCHS" --batch_size "$BATCH_SIZE" --lr "$LR" \
+  --output_dir "$COMGTIR_DIR/stage1_seqid" "${HP[@]}" \
   --seed "$SEED" "$@"

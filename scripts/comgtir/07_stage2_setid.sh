@@ -3,15 +3,13 @@
 # Multi-process: NPROC=2 bash scripts/comgtir/07_stage2_setid.sh (torchrun, DDP; the batch is split over the processes).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-source scripts/common.sh
 source scripts/comgtir/paths.sh
 
-EPOCHS=$(fast_or 1 1)
-BATCH_SIZE=256
-LR=2e-3
+HP=()  # real data: the dataset's retriever.yaml
+if is_shapes; then HP=(--epochs "$(fast_or 1 1)" --batch_size 256 --lr 2e-3); fi
 
-launch retriever.generative.train --config configs/comgtir/shapes/retriever.yaml --stage setid \
+launch retriever.generative.train --config "$COMGTIR_CONFIGS/retriever.yaml" --stage setid \
   --init "$COMGTIR_DIR/stage1_seqid/checkpoint-best" \
   --data_dir "$COMGTIR_DIR/data" --codes "$COMGTIR_DIR/codes.json" \
-  --output_dir "$COMGTIR_DIR/stage2_setid" --epochs "$EPOCHS" --batch_size "$BATCH_SIZE" --lr "$LR" \
+  --output_dir "$COMGTIR_DIR/stage2_setid" "${HP[@]}" \
   --seed "$SEED" "$@"

@@ -5,17 +5,15 @@
 # Multi-process: NPROC=2 bash scripts/comgtir/09_stage3_tir.sh (torchrun, DDP; the batch is split over the processes).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-source scripts/common.sh
 source scripts/comgtir/paths.sh
 
-EPOCHS=$(fast_or 1 1)
-BATCH_SIZE=256
-LR=1e-3
-SET_WEIGHT=1.0
-GUIDANCE=4.0  # chosen on the validation split of a 600-image dev world (1, 2, 4: 4 best; larger untested)
+HP=()  # real data: the dataset's retriever.yaml (set_weight, guidance among them)
+if is_shapes; then
+  # guidance 4.0: chosen on the validation split of a 600-image dev world (1, 2, 4: 4 best; larger untested)
+  HP=(--epochs "$(fast_or 1 1)" --batch_size 256 --lr 1e-3 --set_weight 1.0 --guidance 4.0)
+fi
 
-launch retriever.generative.train --config configs/comgtir/shapes/retriever.yaml --stage unified \
+launch retriever.generative.train --config "$COMGTIR_CONFIGS/retriever.yaml" --stage unified \
   --init "$COMGTIR_DIR/stage2_setid/checkpoint-best" \
   --data_dir "$COMGTIR_DIR/data" --codes "$COMGTIR_DIR/codes.json" \
-  --output_dir "$COMGTIR_DIR/stage3_unified" --epochs "$EPOCHS" --batch_size "$BATCH_SIZE" --lr "$LR" \
-  --set_weight "$SET_WEIGHT" --guidance "$GUIDANCE" --seed "$SEED" "$@"
+  --output_dir "$COMGTIR_DIR/stage3_unified" "${HP[@]}" --seed "$SEED" "$@"

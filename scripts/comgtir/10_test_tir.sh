@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# Stage 4: Recall@1/5/10 on the test split (the dense stage's queries and gallery): stage 1 alone (row seq-id)
-# and ComGTIR-D with set-guided decoding (row dual-id). Writes the candidate lists the re-rankers read.
+# Stage 4: Recall@1/5/10 on the test split (prepare_emb's queries and gallery) of stage 1 alone, decoding without
+# the set identifier (row seq-id). Writes the candidate lists.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-source scripts/common.sh
 source scripts/comgtir/paths.sh
 
-NUM_BEAMS=20
+HP=()  # real data: the dataset's evaluate.yaml
+if is_shapes; then HP=(--num_beams 20); fi
 
-"$PYTHON" -m retriever.generative.evaluate --config configs/comgtir/shapes/evaluate.yaml \
+"$PYTHON" -m retriever.generative.evaluate --config "$COMGTIR_CONFIGS/evaluate.yaml" \
   --checkpoint "$COMGTIR_DIR/stage1_seqid/checkpoint-best" --guidance 0 \
-  --codes "$COMGTIR_DIR/codes.json" --emb_dir "$RUN_DIR/dense/emb" --num_beams "$NUM_BEAMS" \
+  --codes "$COMGTIR_DIR/codes.json" --emb_dir "$EMB_DIR" "${HP[@]}" \
   --output_dir "$COMGTIR_DIR/eval/seq-id" --summary "$RUN_DIR/results.json" --summary_row "comgtir/seq-id$ROW_SUFFIX" "$@"

@@ -3,7 +3,7 @@
 # Run after scripts/comgtir/run.sh; writes $RUN_DIR/comgtir-no-pseudo/ and rows "<row> (no pseudo)" of stage comgtir.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-source scripts/common.sh
+source scripts/comgtir/paths.sh
 MAIN_CODES="$RUN_DIR/comgtir/codes.json"
 [ -f "$MAIN_CODES" ] || { echo "missing $MAIN_CODES: run scripts/comgtir/run.sh first" >&2; exit 1; }
 

@@ -20,7 +20,7 @@ import torch
 
 from cir.data import FASHIONIQ_CATEGORIES, CIRSplit, cache_key, load_cir_split, merge_splits
 from cir.features import TokenBank, check_mode, token_source
-from cir.metrics import cirr_metrics, fashioniq_recall, fashioniq_summary, write_cirr_submission
+from cir.metrics import cirr_avg_interval, cirr_metrics, fashioniq_recall, fashioniq_summary, write_cirr_submission
 from cir.retriever import ComposedRetriever
 from core.config import parse_config, save_config
 from core.data import LoaderOptions, verify_images
@@ -134,6 +134,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             submission = {"row": row, "recall": paths[0].name, "recall_subset": paths[1].name}
         if not split.hides_targets:
             results[row] = split_metrics(parts, scores)
+            if cfg.dataset == "cirr":
+                results[row]["Avg 95% CI"] = cirr_avg_interval(scores[0], split.gallery, split.triplets)
     if split.hides_targets:
         save_config(cfg, out / "config.yaml")
         write_metrics(out, {"dataset": cfg.dataset, "split": cfg.split, "n_queries": len(split.triplets),

@@ -47,7 +47,8 @@ class Tracker:
 
     def log(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         if self.run is not None:
-            self.run.log(dict(metrics), step=step)
+            # an interval ([low, high]) goes to metrics.json and the summary, not to a wandb chart
+            self.run.log({k: v for k, v in metrics.items() if not isinstance(v, (list, tuple))}, step=step)
 
     def finish(self) -> None:
         if self.run is not None:

@@ -13,14 +13,23 @@ import numpy as np
 
 
 def recall_from_rankings(ranked: Sequence[Sequence[Hashable]], positives: Sequence[Iterable[Hashable]],
-                         ks: Sequence[int] = (1, 5, 10), prefix: str = "R@") -> dict[str, float]:
-    """Share (in %) of queries with at least one positive among their first k ranked items."""
+                         ks: Sequence[int] = (1, 5, 10), prefix: str = "R@",
+                         intervals: Sequence[int] = ()) -> dict[str, float]:
+    """Share (in %) of queries with at least one positive among their first k ranked items; for each k in
+    `intervals`, also `"{prefix}{k} 95% CI"`: [low, high], a bootstrap over the queries (`bootstrap_interval`)."""
     if len(ranked) != len(positives):
         raise ValueError(f"{len(ranked)} rankings for {len(positives)} queries")
     if len(ranked) == 0:
         raise ValueError("no queries to evaluate")
     first_hit = np.array([first_positive_rank(r, p) for r, p in zip(ranked, positives)], dtype=float)
-    return {f"{prefix}{k}": float(100.0 * np.mean(first_hit < k)) for k in ks}
+    out: dict = {f"{prefix}{k}": float(100.0 * np.mean(first_hit < k)) for k in ks}
+    for k in intervals:
+        out[f"{prefix}{k} {INTERVAL_SUFFIX}"] = [float(v) for v in bootstrap_interval(100.0 * (first_hit < k))]
+    return out
+
+
+INTERVAL_SUFFIX = "95% CI"  # the key suffix of an interval beside its figure, e.g. "R@10 95% CI"
+HEADLINE_INTERVALS = (1, 10)  # the Recall@K whose intervals the stages' evaluations report
 
 
 def first_positive_rank(ranked: Sequence[Hashable], positives: Iterable[Hashable]) -> float:
@@ -78,7 +87,7 @@ def i2t_recall(similarity: np.ndarray, caption_to_image: Sequence[int], ks: Sequ
 
 def mean_recall(metrics: dict[str, float]) -> float:
     """Mean of the R@K figures: the usual model-selection criterion (rsum / n)."""
-    values = [v for k, v in metrics.items() if k.startswith("R@")]
+    values = [v for k, v in metrics.items() if k.startswith("R@") and not k.endswith(INTERVAL_SUFFIX)]
     return float(np.mean(values))
 
 

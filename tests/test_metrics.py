@@ -69,3 +69,16 @@ def test_bootstrap_interval_covers_the_mean_and_shrinks_with_more_queries():
     assert bootstrap_interval(np.ones(10)) == (1.0, 1.0)
     cols_lo, cols_hi = bootstrap_interval(np.stack([small, ~small], axis=1).astype(float))
     assert cols_lo.shape == (2,) and (cols_lo < cols_hi).all()
+
+
+def test_recall_intervals_bootstrap_the_queries_hits_and_stay_out_of_the_mean():
+    from core.metrics import bootstrap_interval, mean_recall
+
+    ranked = [["a", "b"], ["b", "a"], ["c", "a"], ["a", "c"]] * 25
+    positives = [["a"]] * 100  # hits at 1: 50 of 100; at 2: all
+    out = recall_from_rankings(ranked, positives, ks=(1, 2), intervals=(1,))
+    assert out["R@1"] == 50.0 and "R@2 95% CI" not in out
+    low, high = out["R@1 95% CI"]
+    assert low < 50.0 < high and 35.0 < low and high < 65.0  # about ±10 points for 100 coin flips
+    assert [low, high] == list(bootstrap_interval(100.0 * np.array([1, 0, 0, 1] * 25)))
+    assert mean_recall(out) == 75.0

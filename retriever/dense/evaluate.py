@@ -12,7 +12,7 @@ from core.config import parse_config
 from core.index import VectorIndex
 from core.io import open_embeddings
 from core.logging import Tracker, format_table, write_metrics
-from core.metrics import recall_from_rankings
+from core.metrics import HEADLINE_INTERVALS, recall_from_rankings
 from core.results import update_summary
 
 
@@ -43,7 +43,7 @@ def evaluate_embeddings(emb_dir: str | Path, split: str, ks: Sequence[int] = (1,
         return VectorIndex(matrix.shape[1], index_kind, nlist or None, nprobe or None).add(matrix, ids)
 
     ranked_images = _search_blocks(index(image_emb, image_ids), text_emb, depth)
-    t2i = recall_from_rankings(ranked_images, [[t["imgid"]] for t in text_ids], ks)
+    t2i = recall_from_rankings(ranked_images, [[t["imgid"]] for t in text_ids], ks, intervals=HEADLINE_INTERVALS)
     ranked_owners = _search_blocks(index(text_emb, [t["imgid"] for t in text_ids]), image_emb, depth)
     i2t = recall_from_rankings(ranked_owners, [[i] for i in image_ids], ks)
     return {"text→image": t2i, "image→text": i2t}

@@ -18,7 +18,7 @@ from core.config import parse_config
 from core.device import get_device
 from core.io import atomic_write_jsonl, read_json
 from core.logging import Tracker, format_table, write_metrics
-from core.metrics import recall_from_rankings
+from core.metrics import HEADLINE_INTERVALS, recall_from_rankings
 from core.results import update_summary
 from retriever.generative.decoding import CorpusTrie, check_prior_mode, generate_rankings, set_index_lists
 from retriever.generative.model import load_retriever
@@ -68,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     ranked, scores = generate_rankings(model, tokenizer, vocab, trie, [t["raw"] for t in texts], cfg.num_beams,
                                        cfg.guidance, cfg.batch_size, cfg.max_query_len, device,
                                        desc=f"generating ({cfg.split})", prior=cfg.prior, prefix_top=cfg.prefix_top)
-    recall = recall_from_rankings(ranked, [[t["imgid"]] for t in texts], cfg.ks)
+    recall = recall_from_rankings(ranked, [[t["imgid"]] for t in texts], cfg.ks, intervals=HEADLINE_INTERVALS)
     out = Path(cfg.output_dir)
     atomic_write_jsonl(out / "candidates.jsonl", [
         {"sentid": t["sentid"], "imgid": t["imgid"], "ranked": r, "scores": s} for t, r, s in zip(texts, ranked, scores)])

@@ -24,7 +24,7 @@ from core.encoders import load_dual_encoder
 from core.errors import InputError
 from core.io import atomic_write_jsonl, load_embeddings, read_json, read_jsonl
 from core.logging import Tracker, format_table, progress, write_metrics
-from core.metrics import recall_from_rankings
+from core.metrics import HEADLINE_INTERVALS, recall_from_rankings
 from core.results import update_summary
 
 METHODS = ("dense", "itm")
@@ -190,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         scores = itm_scores(cfg, texts, ranked)
         reranked = rerank(ranked, lambda q, items: scores[q], cfg.depth)
     positives = [[c["imgid"]] for c in cands]
-    recall = recall_from_rankings(reranked, positives, cfg.ks)
+    recall = recall_from_rankings(reranked, positives, cfg.ks, intervals=HEADLINE_INTERVALS)
     before = recall_from_rankings(ranked, positives, cfg.ks)
     out = Path(cfg.output_dir)
     atomic_write_jsonl(out / "candidates.jsonl", [{"sentid": c["sentid"], "imgid": c["imgid"], "ranked": r}

@@ -95,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     return rows
 
 
-SUMMARY_KEYS = ("R@1", "R@5", "R@10", "top10_agreement", "top10_same_order")
+SUMMARY_KEYS = ("R@1", "R@5", "R@10", "R@1 95% CI", "R@10 95% CI", "top10_agreement", "top10_same_order")
 
 
 def index_agreement(cfg: EvalConfig, split: M2KRSplit, queries: np.ndarray, texts: dict[str, str]) -> dict[str, float]:

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from core.metrics import recall_from_rankings
+from core.metrics import HEADLINE_INTERVALS, recall_from_rankings
 from retriever.ret.data import Query
 
 M2KR_KS = (1, 2, 3, 5, 10, 50, 100)
@@ -41,7 +41,8 @@ def m2kr_metrics(ranked_ids: Sequence[Sequence[str]], queries: Sequence[Query], 
                  ks: Sequence[int] = M2KR_KS) -> dict[str, float]:
     """Recall@K (`R@K`) and, when any query has answers, Pseudo Recall@K (`PR@K`) of rankings of passage ids."""
     ks = sorted(set(int(k) for k in ks))
-    metrics = recall_from_rankings([[str(p) for p in r] for r in ranked_ids], [q.positives for q in queries], ks)
+    metrics = recall_from_rankings([[str(p) for p in r] for r in ranked_ids], [q.positives for q in queries], ks,
+                                   intervals=[k for k in HEADLINE_INTERVALS if k in ks])
     if any(q.answers for q in queries):
         texts = [[passage_text[str(p)] for p in r] for r in ranked_ids]
         metrics.update(pseudo_recall(texts, [q.answers for q in queries], ks))

@@ -11,13 +11,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # stage → (rows, metrics) that the main job must write, as DESIGN §4 lists them.
 EXPECTED = {
-    "dense": (["dense"], ["R@1", "R@5", "R@10"]),
-    "comgtir": (["seq-id", "dual-id", "dual-id+dense-rerank", "dual-id+itm-rerank"], ["R@1", "R@5", "R@10"]),
+    "dense": (["dense"], ["R@1", "R@5", "R@10", "R@10 95% CI"]),
+    "comgtir": (["seq-id", "dual-id", "dual-id+dense-rerank", "dual-id+itm-rerank", "dual-id (guidance 0)",
+                 "dual-id (prefix prior)", "dual-id (both priors)"], ["R@1", "R@5", "R@10", "R@10 95% CI"]),
+    "comgtir-val": (["dual-id (token prior)", "dual-id (prefix prior)", "dual-id (both priors)"], ["R@1", "R@10"]),
     "cir": (["no-pretrain", "pretrain", "pretrain+ptha", "ptha-alpha0", "ptha-alpha1", "zero-shot"],
-            ["R@1", "R@5", "R@10", "R@50", "Rs@1", "Rs@2", "Rs@3", "Avg"]),
+            ["R@1", "R@5", "R@10", "R@50", "Rs@1", "Rs@2", "Rs@3", "Avg", "Avg 95% CI"]),
     "cir-iterative": (["round0", "round1", "round2", "round3"], ["R@1", "R@5", "R@10", "R@50", "Rs@1", "Avg"]),
     "mir": (["genir", "prediction", "text-only"], ["Hits@10"]),
-    "ret": (["ret", "text-only", "image-only", "single-layer"], ["R@1", "R@5", "R@10"]),
+    "ret": (["ret", "text-only", "image-only", "single-layer"], ["R@1", "R@5", "R@10", "R@10 95% CI"]),
 }
 
 

@@ -9,6 +9,6 @@ cd "$(dirname "$0")/../.."
 source scripts/comgtir/paths.sh  # refuses a DATASET without configs before any step runs
 for step in 01_prepare_emb 02_train_rqvae 03_generate_codes 04_generate_pseudo_query 05_prepare_retriever_dataset \
             06_stage1_seqid 07_stage2_setid 09_stage3_tir 10_test_tir 11_test_tir_dual \
-            12_test_tir_clip_rerank 13_train_itm 14_test_tir_itm_rerank; do
+            12_test_tir_clip_rerank 13_train_itm 14_test_tir_itm_rerank 15_test_tir_priors; do
   t=$(date +%s); bash "scripts/comgtir/$step.sh"; stage_time "comgtir/$step" "$t"
 done

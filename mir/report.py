@@ -66,11 +66,20 @@ def build_rows(out: Path, modes: Sequence[str]) -> tuple[dict[str, dict[str, Any
         row = summarise(ranks)
         recs = rows_by_mode[mode]
         row["truncated queries %"] = float(100 * np.mean([r["query_tokens_truncated"] for r in recs]))
+        row["seconds per target"] = seconds_per_target(recs, len(first["targets"]))
         fed = [r for r in recs if r.get("feedback")]
         if fed:
             row["feedback clauses not parsed (per feedback)"] = float(np.mean([r.get("feedback_unparsed", 0) for r in fed]))
         table[name] = row
     return table, rows_by_mode, first
+
+
+def seconds_per_target(records: Sequence[dict], n_targets: int) -> float:
+    """The loop's measured time per target over all its rounds: each record's `seconds_*` fields are that target's
+    share of a batched call (captioning, retrieval, generation, user, refiner), so their sum over the records, over
+    the targets, is the mean cost of one target's episode (model loading and encoding the search space excluded)."""
+    total = sum(v for r in records for k, v in r.items() if k.startswith("seconds_") and isinstance(v, (int, float)))
+    return float(total / max(n_targets, 1))
 
 
 def plot_hits(table: dict[str, dict[str, Any]], path: Path) -> None:
@@ -125,9 +134,11 @@ def dialogue_sheet(out: Path, rows: list[dict], targets: Sequence[str], image_ro
 
 def hits_table(table: dict[str, dict[str, Any]]) -> str:
     rounds = len(next(iter(table.values()))["Hits@10"])
-    lines = ["| mode | " + " | ".join(f"r{r}" for r in range(rounds)) + " | N |", "|---|" + "---|" * (rounds + 1)]
+    lines = ["| mode | " + " | ".join(f"r{r}" for r in range(rounds)) + " | N | s / target |",
+             "|---|" + "---|" * (rounds + 2)]
     for name, row in table.items():
-        lines.append(f"| {name} | " + " | ".join(f"{h:.1f}" for h in row["Hits@10"]) + f" | {row['N']} |")
+        lines.append(f"| {name} | " + " | ".join(f"{h:.1f}" for h in row["Hits@10"])
+                     + f" | {row['N']} | {row.get('seconds per target', float('nan')):.3f} |")
     return "\n".join(lines)
 
 

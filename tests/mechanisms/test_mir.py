@@ -31,3 +31,12 @@ def test_a_target_found_once_stays_found(shapes_world, tmp_path):
     assert all(later >= earlier for earlier, later in zip(hits, hits[1:]))
     per_round = [100.0 * (ranks[:, r] < 10).mean() for r in range(ROUNDS + 1)]
     assert hits != per_round and hits[-1] > per_round[-1]  # the lost targets still count
+
+
+def test_seconds_per_target_sums_each_targets_share_of_every_round(tmp_path):
+    from mir.report import seconds_per_target
+
+    records = [{"target": t, "round": r, "seconds_generate": 0.25, "seconds_user": 0.5, "seconds_retrieve": 0.25,
+                "rank": 3, "seed": 7} for t in ("a", "b") for r in range(3)]
+    records[0]["seconds_caption"] = 1.0  # round 0 of the faithful loop also captions the target
+    assert seconds_per_target(records, 2) == (2 * 3 * 1.0 + 1.0) / 2  # the rank and seed fields are not seconds

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from core.io import load_embeddings
-from core.metrics import recall_from_rankings
+from core.metrics import HEADLINE_INTERVALS, recall_from_rankings
 from retriever.dense.evaluate import evaluate_embeddings
 from retriever.generative.rerank import dense_scorer, rerank
 
@@ -19,7 +19,7 @@ def test_dense_rerank_of_the_whole_gallery_is_the_dense_baseline(dense_run):
     rng = np.random.default_rng(0)
     candidates = [list(rng.permutation(image_ids)) for _ in text_ids]  # every image, in a random order
     reranked = rerank(candidates, dense_scorer(text_emb, image_emb, image_ids), depth=len(image_ids))
-    ours = recall_from_rankings(reranked, [[t["imgid"]] for t in text_ids])
+    ours = recall_from_rankings(reranked, [[t["imgid"]] for t in text_ids], intervals=HEADLINE_INTERVALS)
     assert ours == evaluate_embeddings(dense_run / "emb", "test")["text→image"]
 
 

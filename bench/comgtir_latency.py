@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from core.config import parse_config
+from core.errors import InputError
 from core.index import VectorIndex
 from core.io import atomic_write_json, atomic_write_text
 from retriever.generative.decoding import CorpusTrie, PythonTrie, generate_rankings, python_trie_rankings
@@ -39,6 +40,10 @@ class BenchConfig:
     dim: int = 128
     guidance: float = 1.0
     repeats: int = 2
+    # dense vectors: "clustered" (points around 1024 centres, queries near corpus points, as real embeddings
+    # cluster) or "uniform" on the sphere (no structure: the worst case for IVF's recall)
+    vectors: str = "clustered"
+    ivf_nprobe: int = 8  # lists searched per query: the IVF rows' speed/recall trade
     recall_at: list[int] = field(default_factory=lambda: [1, 10])
     t5: dict = field(default_factory=lambda: dict(SHAPES_T5))
     output_dir: str = "bench/results"
@@ -51,6 +56,21 @@ def synthetic_identifiers(n: int, levels: int, k: int, rng: np.random.Generator)
     p = rng.dirichlet(np.full(k, 0.5), size=levels)
     codes = np.stack([rng.choice(k, size=n, p=p[level]) for level in range(levels)], axis=1)
     return disambiguate(codes)
+
+
+def dense_data(n: int, queries: int, dim: int, kind: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Unit corpus vectors [n, dim] and query vectors [queries, dim] of the `vectors` kind (see BenchConfig)."""
+    if kind == "uniform":
+        x, q = rng.standard_normal((n, dim)), rng.standard_normal((queries, dim))
+    elif kind == "clustered":
+        centres = rng.standard_normal((1024, dim)) / np.sqrt(dim)
+        spread = 0.5 / np.sqrt(dim)  # per dimension, so a point lies about half a centre's norm from its centre
+        x = centres[rng.integers(0, len(centres), n)] + spread * rng.standard_normal((n, dim))
+        q = x[rng.integers(0, n, queries)] + spread * rng.standard_normal((queries, dim))
+    else:
+        raise InputError("config", "vectors", f"must be clustered or uniform, got {kind!r}")
+    x, q = x.astype(np.float32), q.astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True), q / np.linalg.norm(q, axis=1, keepdims=True)
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:
@@ -75,6 +95,7 @@ def agreement(ours: list[list], reference: list[list]) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     cfg = parse_config(BenchConfig, argv)
+    dense_data(1, 1, cfg.dim, cfg.vectors, np.random.default_rng(0))  # a bad `vectors` fails before any work
     torch.set_grad_enabled(False)
     rng = np.random.default_rng(cfg.seed)
     words = "a small medium large red green blue yellow circle square star cross in the top left middle".split()
@@ -102,12 +123,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         plain, ours = timed(lambda: decode(0.0), cfg.repeats)
         walked, theirs = timed(lambda: python_trie_rankings(model, tok, reference, queries, cfg.beams, vocab.pad_id,
                                                             vocab.eos_id, batch_size=cfg.queries)[0], cfg.repeats)
-        vectors = rng.standard_normal((n, cfg.dim)).astype(np.float32)
-        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-        q = rng.standard_normal((cfg.queries, cfg.dim)).astype(np.float32)
+        vectors, q = dense_data(n, cfg.queries, cfg.dim, cfg.vectors, rng)
         depth = max(cfg.beams, *cfg.recall_at)
         flat = VectorIndex(cfg.dim, "flat").add(vectors, list(range(n)))
-        ivf = VectorIndex(cfg.dim, "ivf", nlist=max(16, int(4 * np.sqrt(n))), nprobe=8).add(vectors, list(range(n)))
+        ivf = VectorIndex(cfg.dim, "ivf", nlist=max(16, int(4 * np.sqrt(n))), nprobe=cfg.ivf_nprobe)
+        ivf.add(vectors, list(range(n)))
         flat_s, exact = timed(lambda: flat.search(q, depth)[1], cfg.repeats)
         ivf_s, approx = timed(lambda: ivf.search(q, depth)[1], cfg.repeats)
         recall = {f"recall@{k}_vs_flat": recall_against(exact, approx, k) for k in cfg.recall_at}

@@ -6,7 +6,10 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
+
 from bench import comgtir_latency
+from core.errors import InputError
 
 TINY_T5 = {"d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 1, "num_decoder_layers": 1, "num_heads": 4}
 
@@ -28,3 +31,9 @@ def test_bench_times_both_decoders_and_writes_its_files(tmp_path):
     table = (out / "comgtir_latency.md").read_text()
     assert "python trie (no guidance)" in table and "recall@10_vs_flat" in table
     assert (out / "comgtir_latency.png").stat().st_size > 0
+
+
+def test_an_unknown_vector_kind_fails_before_any_work(tmp_path):
+    with pytest.raises(InputError, match="vectors"):
+        comgtir_latency.main(["--vectors", "gaussian", "--output_dir", str(tmp_path)])
+    assert not any(tmp_path.iterdir())

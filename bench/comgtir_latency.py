@@ -39,7 +39,7 @@ class BenchConfig:
     codebook_size: int = 1024
     dim: int = 128
     guidance: float = 1.0
-    repeats: int = 2
+    repeats: int = 3  # timed calls per method after a warm-up, interleaved; the best is kept
     # dense vectors: "clustered" (points around 1024 centres, queries near corpus points, as real embeddings
     # cluster) or "uniform" on the sphere (no structure: the worst case for IVF's recall)
     vectors: str = "clustered"
@@ -73,13 +73,18 @@ def dense_data(n: int, queries: int, dim: int, kind: str, rng: np.random.Generat
     return x / np.linalg.norm(x, axis=1, keepdims=True), q / np.linalg.norm(q, axis=1, keepdims=True)
 
 
-def timed(fn, repeats: int) -> tuple[float, object]:
-    """(mean seconds of `repeats` calls after a warm-up, the last call's result)."""
-    result = fn()  # warm-up
-    start = time.perf_counter()
+def timed(fns: Sequence, repeats: int) -> list[tuple[float, object]]:
+    """(best seconds of `repeats` calls after a warm-up, the last call's result) for each of `fns`, called in turn
+    round by round: on a shared, loaded machine the best of interleaved calls compares the functions under the
+    same load, where back-to-back blocks would each see whatever load their own minute had."""
+    results = [fn() for fn in fns]  # warm-up
+    best = [float("inf")] * len(fns)
     for _ in range(repeats):
-        result = fn()
-    return (time.perf_counter() - start) / repeats, result
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            results[i] = fn()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return list(zip(best, results))
 
 
 def recall_against(exact: list[list], approximate: list[list], k: int) -> float:
@@ -119,17 +124,17 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         reference_build_s = time.perf_counter() - t0
         decode = lambda guidance: generate_rankings(  # noqa: E731
             model, tok, vocab, trie, queries, cfg.beams, guidance, batch_size=cfg.queries)[0]
-        guided, _ = timed(lambda: decode(cfg.guidance), cfg.repeats)
-        plain, ours = timed(lambda: decode(0.0), cfg.repeats)
-        walked, theirs = timed(lambda: python_trie_rankings(model, tok, reference, queries, cfg.beams, vocab.pad_id,
-                                                            vocab.eos_id, batch_size=cfg.queries)[0], cfg.repeats)
+        (guided, _), (plain, ours), (walked, theirs) = timed([
+            lambda: decode(cfg.guidance), lambda: decode(0.0),
+            lambda: python_trie_rankings(model, tok, reference, queries, cfg.beams, vocab.pad_id, vocab.eos_id,
+                                         batch_size=cfg.queries)[0]], cfg.repeats)
         vectors, q = dense_data(n, cfg.queries, cfg.dim, cfg.vectors, rng)
         depth = max(cfg.beams, *cfg.recall_at)
         flat = VectorIndex(cfg.dim, "flat").add(vectors, list(range(n)))
         ivf = VectorIndex(cfg.dim, "ivf", nlist=max(16, int(4 * np.sqrt(n))), nprobe=cfg.ivf_nprobe)
         ivf.add(vectors, list(range(n)))
-        flat_s, exact = timed(lambda: flat.search(q, depth)[1], cfg.repeats)
-        ivf_s, approx = timed(lambda: ivf.search(q, depth)[1], cfg.repeats)
+        (flat_s, exact), (ivf_s, approx) = timed([lambda: flat.search(q, depth)[1], lambda: ivf.search(q, depth)[1]],
+                                                 cfg.repeats)
         recall = {f"recall@{k}_vs_flat": recall_against(exact, approx, k) for k in cfg.recall_at}
         for method, seconds, extra in [
                 (f"generative (guidance {cfg.guidance:g})", guided, {"index_build_s": build_s}),

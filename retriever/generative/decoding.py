@@ -10,6 +10,9 @@ set identifier's prior, in one of two forms (or both):
   and each candidate extension of a beam gets weight × the best such score among the images its new prefix can
   still reach — so the beam is pulled toward the prefixes of the images the set identifier likes best, not only
   toward codes it likes one level at a time.
+
+`PythonTrie` / `python_trie_rankings` are the reference it is measured and checked against: a dict-of-dicts trie
+walked per beam in `prefix_allowed_tokens_fn`, as the original code constrains decoding.
 """
 from __future__ import annotations
 
@@ -273,6 +276,77 @@ def generate_rankings(model, tokenizer, vocab: CodeVocab, trie: CorpusTrie, quer
                 if r not in seen:
                     seen.add(r)
                     ids.append(trie.imgids[r])
+                    sc.append(s)
+            ranked.append(ids)
+            scored.append(sc)
+    return ranked, scored
+
+
+class PythonTrie:
+    """Reference path: the corpus's identifiers as a dict-of-dicts trie over token ids, walked in Python one beam
+    at a time through Hugging Face's `prefix_allowed_tokens_fn` — how the original GENRE-style code constrains
+    decoding. Kept to measure `CorpusTrie` against and to check that both give the same beams; not used to rank.
+
+    Identifiers have a fixed length, so the walk ends at `max_new_tokens = length` rather than on an end token, and
+    a beam's score is the same sum of code log-probabilities `SetGuidedConstraint` gives (no guidance): rankings
+    can then be compared exactly. A complete identifier's last token maps to its image id."""
+
+    def __init__(self, token_rows: Sequence[Sequence[int]], imgids: Sequence[Hashable]):
+        if len(token_rows) != len(imgids):
+            raise ValueError("one image id per identifier")
+        self.root: dict = {}
+        self.length = len(token_rows[0]) if len(token_rows) else 0
+        for row, imgid in zip(token_rows, imgids):
+            node = self.root
+            for tok in row[:-1]:
+                node = node.setdefault(tok, {})
+            node[row[-1]] = imgid
+
+    def allowed(self, tokens: Sequence[int]) -> list[int]:
+        node = self.root
+        for tok in tokens:
+            node = node.get(tok, {})
+        return list(node) if isinstance(node, dict) else []
+
+    def lookup(self, tokens: Sequence[int]) -> Hashable | None:
+        node = self.root
+        for tok in tokens:
+            if not isinstance(node, dict) or tok not in node:
+                return None
+            node = node[tok]
+        return None if isinstance(node, dict) else node
+
+
+@torch.no_grad()
+def python_trie_rankings(model, tokenizer, trie: PythonTrie, queries: Sequence[str], num_beams: int, pad_id: int,
+                         eos_id: int, batch_size: int = 64, max_query_len: int = 64,
+                         ) -> tuple[list[list], list[list[float]]]:
+    """Top-`num_beams` image ids (and beam scores) per query by beam search constrained with `trie` (no set
+    guidance: `prefix_allowed_tokens_fn` can only mask). CPU reference, see PythonTrie."""
+    model.eval()
+    ranked, scored = [], []
+
+    def allowed(batch_id: int, sent: torch.Tensor) -> list[int]:
+        return trie.allowed(sent[1:].tolist())  # sent[0] is the decoder start token
+
+    for start in range(0, len(queries), batch_size):
+        batch = tokenizer(list(queries[start:start + batch_size]), padding=True, truncation=True,
+                          max_length=max_query_len, return_tensors="pt")
+        hidden = model.encode(batch["input_ids"], batch["attention_mask"])
+        out = model.t5.generate(
+            encoder_outputs=BaseModelOutput(last_hidden_state=hidden), attention_mask=batch["attention_mask"],
+            num_beams=num_beams, num_return_sequences=num_beams, max_new_tokens=trie.length,
+            prefix_allowed_tokens_fn=allowed, do_sample=False, length_penalty=0.0, output_scores=True,
+            return_dict_in_generate=True, decoder_start_token_id=pad_id, pad_token_id=pad_id, eos_token_id=eos_id)
+        seqs, scores = out.sequences[:, 1:].tolist(), out.sequences_scores.tolist()
+        for q in range(len(seqs) // num_beams):
+            hits = sorted(((scores[j], trie.lookup(seqs[j])) for j in range(q * num_beams, (q + 1) * num_beams)),
+                          key=lambda h: -h[0])
+            ids, sc, seen = [], [], set()
+            for s, imgid in hits:
+                if imgid is not None and imgid not in seen and s > float("-inf"):
+                    seen.add(imgid)
+                    ids.append(imgid)
                     sc.append(s)
             ranked.append(ids)
             scored.append(sc)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from retriever.generative.decoding import CorpusTrie, SetGuidedConstraint, generate_rankings
+from retriever.generative.decoding import (CorpusTrie, PythonTrie, SetGuidedConstraint, generate_rankings,
+                                            python_trie_rankings)
 from retriever.generative.model import GenerativeRetriever, RetrieverSpec, build_t5
 from retriever.generative.vocab import CodeVocab, build_tokenizer
 
@@ -69,3 +70,16 @@ def test_rankings_are_distinct_corpus_images_best_first():
                 assert 0 < len(r) <= 8 and len(set(r)) == len(r)
                 assert set(r) <= set(ids)
                 assert s == sorted(s, reverse=True)
+
+
+def test_python_trie_reference_gives_the_same_rankings_without_guidance():
+    codes, ids = random_corpus()
+    model, tok, vocab = tiny_model()
+    queries = ["a red circle", "a blue square", "circle", "red"]
+    got, got_scores = generate_rankings(model, tok, vocab, CorpusTrie(codes, ids, width=5), queries, num_beams=8)
+    ref = PythonTrie(vocab.encode(codes).tolist(), ids)
+    assert ref.allowed(vocab.encode(codes[:1])[0, :2].tolist()) == \
+        [int(vocab.token_ids[2, c]) for c in codes[(codes[:, :2] == codes[0, :2]).all(1)][:, 2].tolist()]
+    expected, expected_scores = python_trie_rankings(model, tok, ref, queries, 8, vocab.pad_id, vocab.eos_id)
+    assert got == expected
+    np.testing.assert_allclose(np.concatenate(got_scores), np.concatenate(expected_scores), rtol=1e-5, atol=1e-5)

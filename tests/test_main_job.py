@@ -14,7 +14,6 @@ EXPECTED = {
     "dense": (["dense"], ["R@1", "R@5", "R@10", "R@10 95% CI"]),
     "comgtir": (["seq-id", "dual-id", "dual-id+dense-rerank", "dual-id+itm-rerank", "dual-id (guidance 0)",
                  "dual-id (prefix prior)", "dual-id (both priors)"], ["R@1", "R@5", "R@10", "R@10 95% CI"]),
-    "comgtir-val": (["dual-id (token prior)", "dual-id (prefix prior)", "dual-id (both priors)"], ["R@1", "R@10"]),
     "cir": (["no-pretrain", "pretrain", "pretrain+ptha", "ptha-alpha0", "ptha-alpha1", "zero-shot"],
             ["R@1", "R@5", "R@10", "R@50", "Rs@1", "Rs@2", "Rs@3", "Avg", "Avg 95% CI"]),
     "cir-iterative": (["round0", "round1", "round2", "round3"], ["R@1", "R@5", "R@10", "R@50", "Rs@1", "Avg"]),

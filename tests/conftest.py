@@ -60,6 +60,25 @@ def dense_run(shapes_world, tmp_path_factory) -> Path:
     return run
 
 
+TINY_RESNET = {**TINY_ENCODER, "vision": {"layers": [1, 1, 1, 1], "width": 16, "head_width": 16}}
+
+
+@pytest.fixture(scope="session")
+def resnet_run(shapes_world, tmp_path_factory) -> Path:
+    """A dense run folder with a tiny ResNet image tower, trained on the tiny world with edited twins and changed
+    captions as the main job trains its own: the readers that take a ResNet's feature maps are tested on it."""
+    import json
+
+    from retriever.dense import train
+
+    run = tmp_path_factory.mktemp("dense_resnet") / "dense"
+    train.main(["--data_json", str(shapes_world / "dataset_shapes.json"), "--image_root", str(shapes_world / "images"),
+                "--output_dir", str(run), "--model", json.dumps(TINY_RESNET), "--batch_size", "64", "--epochs", "8",
+                "--lr", "3e-3", "--warmup_steps", "10", "--seed", "0", "--twin_edits", "[shape, move]",
+                "--contrast_kinds", "[shape, position, swap]"])
+    return run
+
+
 @pytest.fixture(scope="session")
 def dense_checkpoint(dense_run) -> Path:
     """The best dense encoder folder: `core.encoders.load_dual_encoder(dense_checkpoint)`."""

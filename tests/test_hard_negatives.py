@@ -16,7 +16,6 @@ from core.shapes.world import Obj, Scene
 from mir.refiner import parse_caption
 from retriever.dense import probe, train
 from retriever.dense.loss import HardNegativeClipLoss
-from tests.conftest import TINY_ENCODER
 
 SCENE = Scene(objects=(Obj("square", "red", "large", 0, 0), Obj("star", "blue", "small", 2, 1)))
 CAPTION = "a large red square in the top left and a small blue star at the bottom middle"
@@ -78,19 +77,11 @@ def test_hard_negatives_are_replayed_on_resume():
     assert first == again and valid.tolist() == [True, False] and first[1] == captions[1]
 
 
-TINY_RESNET = {**TINY_ENCODER, "vision": {"layers": [1, 1, 1, 1], "width": 16, "head_width": 16}}
-
-
-def test_resnet_tower_trains_with_twins_and_the_probe_reports_it(shapes_world, tmp_path):
-    """A ResNet tower trained on the tiny world with edited twins and changed captions prefers the true caption to
-    a recoloured one far more often than chance (50 %); the probe writes what it prints. (Position and shape need
-    the full world: the figures are in docs/dense.md.)"""
-    out = tmp_path / "resnet"
-    train.main(["--data_json", str(shapes_world / "dataset_shapes.json"), "--image_root", str(shapes_world / "images"),
-                "--output_dir", str(out), "--model", json.dumps(TINY_RESNET), "--batch_size", "64", "--epochs", "8",
-                "--lr", "3e-3", "--warmup_steps", "10", "--seed", "0", "--twin_edits", "[shape, move]",
-                "--contrast_kinds", "[shape, position, swap]"])
-    result = probe.main(["--checkpoint", str(out / "checkpoint-best"), "--world_dir", str(shapes_world),
+def test_resnet_tower_trains_with_twins_and_the_probe_reports_it(shapes_world, resnet_run, tmp_path):
+    """A ResNet tower trained on the tiny world with edited twins and changed captions (tests/conftest.py's
+    `resnet_run`) prefers the true caption to a recoloured one far more often than chance (50 %); the probe writes
+    what it prints. (Position and shape need the full world: the figures are in docs/dense.md.)"""
+    result = probe.main(["--checkpoint", str(resnet_run / "checkpoint-best"), "--world_dir", str(shapes_world),
                          "--output_dir", str(tmp_path / "probe"), "--probe_steps", "50"])
     assert result["caption contrasts"]["colour"] > 80
     assert set(result["caption contrasts"]) == set(CONTRAST_KINDS)

@@ -101,7 +101,11 @@ def agreement(ours: list[list], reference: list[list]) -> dict:
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     cfg = parse_config(BenchConfig, argv)
     dense_data(1, 1, cfg.dim, cfg.vectors, np.random.default_rng(0))  # a bad `vectors` fails before any work
-    torch.set_grad_enabled(False)
+    with torch.no_grad():  # scoped, so a caller in the same process (a test) keeps its autograd state
+        return run_bench(cfg)
+
+
+def run_bench(cfg: BenchConfig) -> list[dict]:
     rng = np.random.default_rng(cfg.seed)
     words = "a small medium large red green blue yellow circle square star cross in the top left middle".split()
     queries = [" ".join(rng.choice(words, 8)) for _ in range(cfg.queries)]

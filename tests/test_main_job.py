@@ -27,7 +27,7 @@ def test_fast_main_job_writes_every_stage(tmp_path):
     env = {**os.environ, "FAST": "1", "RUN_DIR": str(run_dir), "SEED": "0", "PYTHON": sys.executable,
            "WANDB_MODE": "disabled", "TQDM_DISABLE": "1"}
     proc = subprocess.run(["bash", "scripts/00_run_all.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=900)
+                          timeout=1800)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     results = json.loads((run_dir / "results.json").read_text())
     for stage, (rows, metrics) in EXPECTED.items():
